@@ -1,0 +1,270 @@
+"""Typed view of params.yaml, the single source of settings.
+
+Every stage receives a `Config`; no stage reads params.yaml itself. Unknown keys are errors
+(`extra="forbid"`), so a typo in params.yaml fails at start with one line instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medvlm.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SynthesizeConfig(_Section):
+    out_dir: str = "data/phantom"
+    incoming_dir: str = "data/incoming"
+    n_images: int = Field(400, ge=1)
+    n_incoming: int = Field(80, ge=0)
+    image_size: int = Field(256, ge=64)
+    seed: int = 0
+    normal_fraction: float = Field(0.35, ge=0.0, le=1.0)
+    incoming_normal_fraction: float = Field(0.10, ge=0.0, le=1.0)
+    incoming_intensity_shift: float = 0.12
+    incoming_noise_scale: float = Field(2.5, gt=0.0)
+
+
+class DataConfig(_Section):
+    source: Literal["cov_ctr", "r2gen", "csv", "jsonl"] = "jsonl"
+    root: str = "data/phantom"
+    manifest: str = "annotation.jsonl"
+    report_language: Literal["en", "zh"] = "en"
+    label_names: list[str] = Field(default_factory=lambda: ["pneumonia"])
+    primary_label: str = "pneumonia"
+    group_by: Literal["image_hash", "source"] = "image_hash"
+
+    @model_validator(mode="after")
+    def _primary_in_labels(self) -> "DataConfig":
+        if not self.label_names:
+            raise ValueError("data.label_names must name at least one label")
+        if self.primary_label not in self.label_names:
+            raise ValueError(f"data.primary_label {self.primary_label!r} is not in data.label_names {self.label_names}")
+        return self
+
+
+class ValidateConfig(_Section):
+    min_report_chars: int = 10
+    max_report_chars: int = 4000
+    min_image_side: int = 32
+    max_image_pixels: int = 89_478_485
+    max_bad_fraction: float = Field(0.10, ge=0.0, le=1.0)
+    out_dir: str = "reports/validation"
+
+
+class SplitConfig(_Section):
+    test_size: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = 0
+    use_official: bool = True
+    out_dir: str = "data/split"
+
+
+class FeaturesConfig(_Section):
+    image_size: int = Field(224, ge=32)
+    batch_size: int = Field(32, ge=1)
+    out_dir: str = "data/features"
+
+
+class ModelConfig(_Section):
+    vision: str = "efficientnet-lite0"
+    tune_vision_blocks: int = Field(1, ge=0)
+    discrimination: bool = True
+    label_embed_dim: int = Field(64, ge=1)
+    disc_loss_weight: float = Field(0.5, ge=0.0)
+    qformer_queries: int = Field(16, ge=1)
+    qformer_layers: int = Field(2, ge=1)
+    qformer_hidden: int = Field(256, ge=8)
+    qformer_heads: int = Field(4, ge=1)
+    lm: str = "smollm2-135m-instruct"
+    lm_layers: int = Field(4, ge=0)
+    prompt_template: bool = True
+    prompts: list[str] = Field(default_factory=lambda: ["Describe the findings of this chest CT."])
+    max_report_tokens: int = Field(96, ge=4)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "ModelConfig":
+        if self.qformer_hidden % self.qformer_heads:
+            raise ValueError(
+                f"model.qformer_hidden ({self.qformer_hidden}) must be divisible by model.qformer_heads ({self.qformer_heads})"
+            )
+        if self.prompt_template and not self.prompts:
+            raise ValueError("model.prompts is empty but model.prompt_template is on")
+        return self
+
+
+class FreezeConfig(_Section):
+    trainable_lm_layers: list[int] = Field(default_factory=lambda: [-1])
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+class PTuningConfig(_Section):
+    num_virtual_tokens: int = Field(16, ge=1)
+
+
+Strategy = Literal["freeze", "lora", "ptuning_v2"]
+
+
+class TrainConfig(_Section):
+    strategies: list[Strategy] = Field(default_factory=lambda: ["freeze", "lora", "ptuning_v2"])
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    lm_lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    out_dir: str = "models"
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    ptuning_v2: PTuningConfig = Field(default_factory=PTuningConfig)
+
+
+class GenerateConfig(_Section):
+    num_beams: int = Field(3, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+    repetition_penalty: float = Field(1.1, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+
+class LabelerConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    max_length: int = Field(160, ge=8)
+    out_dir: str = "models/labeler"
+
+
+class EvaluateConfig(_Section):
+    bootstrap_iterations: int = Field(1000, ge=10)
+    bootstrap_seed: int = 0
+    confidence: float = Field(0.95, gt=0, lt=1)
+    out_dir: str = "reports"
+    baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
+        default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"]
+    )
+
+
+class RegisterConfig(_Section):
+    model_name: str = "medvlm"
+    primary_metric: str = "CIDEr"
+    tie_break: str = "BLEU_4"
+    promotion_margin: float = Field(0.0, ge=0)
+    tracking_uri: str = "sqlite:///mlruns.db"
+
+
+class MonitorConfig(_Section):
+    reference: Literal["train", "test"] = "train"
+    incoming_dir: str = "data/incoming"
+    drift_share: float = Field(0.3, gt=0, le=1)
+    pca_components: int = Field(5, ge=1)
+    out_dir: str = "reports/drift"
+
+
+class RetrainConfig(_Section):
+    cron: str = "0 3 * * 1"
+
+
+class Config(_Section):
+    seed: int = 0
+    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+
+    @property
+    def validation(self) -> ValidateConfig:
+        return self.validate_
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    overlays: list[str | Path] | None = None,
+    overrides: dict[str, Any] | list[str] | None = None,
+) -> Config:
+    """Read params.yaml, apply overlay files (profiles) and `key.sub=value` overrides, validate.
+
+    Raises ConfigError with one line naming the file and the offending key.
+    """
+    raw: dict[str, Any] = {}
+    for source in [path, *(overlays or [])]:
+        source = Path(source)
+        try:
+            loaded = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: params file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+        raw = _deep_merge(raw, loaded)
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key.sub=value")
+            key, value = item.split("=", 1)
+            pairs[key] = yaml.safe_load(value)
+        overrides = pairs
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{Path(path)}: {where}: {first['msg']}") from None
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from a plain mapping (tests, flows); same validation as load_config."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config: {where}: {first['msg']}") from None

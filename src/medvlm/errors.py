@@ -1,0 +1,37 @@
+"""Exception types of medvlm. Each carries one line for the user: which file/row, what is wrong.
+
+The CLI prints `str(error)` without a traceback for these (they are user mistakes or bad data);
+anything else is a bug and keeps its traceback.
+"""
+
+
+class MedVLMError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+
+class ConfigError(MedVLMError):
+    """params.yaml (or an override) names something impossible or missing."""
+
+
+class DataError(MedVLMError):
+    """A manifest, image or data folder cannot be used."""
+
+
+class ImageDecodeError(DataError):
+    """One image file cannot be decoded (corrupt, truncated, not an image, too large)."""
+
+
+class ValidationFailed(DataError):
+    """Too many rows were quarantined by validation."""
+
+
+class ModelError(MedVLMError):
+    """A model, checkpoint or strategy cannot be loaded or built."""
+
+
+class EvaluationError(MedVLMError):
+    """Generated and reference reports do not line up, or a metric cannot be computed."""
+
+
+class RegistryError(MedVLMError):
+    """The MLflow tracking server / registry is unreachable or inconsistent."""
