@@ -1,0 +1,216 @@
+"""The `medvlm` command line: one command per pipeline stage, plus generate / serve for users.
+
+Every command is a thin shell around the one stage function in src/medvlm (the same function dvc.yaml and the
+Prefect flows call). Heavy imports (torch, transformers, mlflow...) happen inside the commands so `medvlm --help`
+stays instant. A MedVLMError (user mistake, bad data) prints one line and exits with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+from medvlm.errors import MedVLMError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedVLM radiology report generation + MLOps.")
+data_app = typer.Typer(no_args_is_help=True, help="Data: synthesize, validate, split, fetch.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=True)
+_state: dict = {"params": "params.yaml", "overlays": [], "overrides": []}
+
+
+@app.callback()
+def main(
+    params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (the single source of settings)"),
+    overlay: list[Path] = typer.Option([], "--overlay", "-o", help="profile file merged over params (e.g. params/gpu.yaml)"),
+    set_: list[str] = typer.Option([], "--set", "-S", help="override one setting: section.key=value (repeatable)"),
+) -> None:
+    _state.update(params=params, overlays=list(overlay), overrides=list(set_))
+
+
+def _config():
+    from medvlm.config import load_config
+
+    return load_config(_state["params"], _state["overlays"], _state["overrides"])
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn MedVLMError into one red line and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MedVLMError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _print_summary(summary) -> None:
+    if summary is not None:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- data
+@app.command()
+@user_errors
+def synthesize() -> None:
+    """Write the embedded phantom CT data set (and the shifted incoming batch)."""
+    from medvlm.data.phantom import synthesize as run
+
+    _print_summary(run(_config()))
+
+
+@data_app.command("validate")
+@user_errors
+def data_validate() -> None:
+    """Validate the manifest with Great Expectations; bad rows go to quarantine."""
+    from medvlm.data.validate import run_validation
+
+    _print_summary(run_validation(_config()))
+
+
+@data_app.command("split")
+@user_errors
+def data_split() -> None:
+    """Seeded, stratified, grouped train/test split."""
+    from medvlm.data.split import run_split
+
+    _print_summary(run_split(_config()))
+
+
+@data_app.command("fetch")
+@user_errors
+def data_fetch(
+    name: str = typer.Argument(..., help="data set name, e.g. cov-ctr"),
+    dest: Optional[Path] = typer.Option(None, help="target folder (default data/<name>)"),
+    base_url: Optional[str] = typer.Option(None, help="mirror to download from instead of the public sources"),
+) -> None:
+    """Download a public data set with checksum verification."""
+    from medvlm.data.fetch import fetch_dataset
+
+    kwargs = {"base_url": base_url} if base_url else {}
+    path = fetch_dataset(name, dest or Path("data") / name.replace("-", "_"), **kwargs)
+    typer.echo(str(path))
+
+
+# ---------------------------------------------------------------- model
+@app.command()
+@user_errors
+def features() -> None:
+    """Cache frozen vision-trunk features of the split (what makes CPU training affordable)."""
+    from medvlm.features import extract_features
+
+    _print_summary(extract_features(_config()))
+
+
+@app.command()
+@user_errors
+def train(
+    strategy: str = typer.Option(..., "--strategy", "-s", help="freeze | lora | ptuning_v2"),
+    resume: bool = typer.Option(True, help="resume from the last checkpoint when there is one"),
+) -> None:
+    """Train MedVLM with one fine-tuning strategy."""
+    from medvlm.train import train as run
+
+    _print_summary(run(_config(), strategy, resume=resume))
+
+
+@app.command("train-labeler")
+@user_errors
+def train_labeler() -> None:
+    """Fine-tune the BERT (MiniLM) labeler on the training reports."""
+    from medvlm.labeler import train_labeler as run
+
+    _print_summary(run(_config()))
+
+
+@app.command()
+@user_errors
+def evaluate(name: str = typer.Argument(..., help="a trained strategy or a baseline name")) -> None:
+    """Generate reports for the test split and score them (metrics with CIs, clinical efficacy)."""
+    from medvlm.evaluate import evaluate as run
+
+    _print_summary(run(_config(), name))
+
+
+@app.command()
+@user_errors
+def report() -> None:
+    """Aggregate every evaluation into reports/results.md, plots and the examples page."""
+    from medvlm.report import build_report
+
+    _print_summary(build_report(_config()))
+
+
+# ---------------------------------------------------------------- lifecycle
+@app.command()
+@user_errors
+def register() -> None:
+    """Register the best model in MLflow as challenger; promote to champion if it beats the champion."""
+    from medvlm.registry import register as run
+
+    _print_summary(run(_config()))
+
+
+@app.command()
+@user_errors
+def promote(version: str = typer.Argument(..., help="registered model version to make champion")) -> None:
+    """Make a registered version the champion (alias swap)."""
+    from medvlm.registry import promote as run
+
+    _print_summary(run(_config(), version))
+
+
+@app.command()
+@user_errors
+def monitor(incoming: Optional[Path] = typer.Option(None, help="folder of new images (default monitor.incoming_dir)")) -> None:
+    """Evidently drift report: training data vs a new batch."""
+    from medvlm.monitor import run_monitor
+
+    _print_summary(run_monitor(_config(), incoming_dir=incoming))
+
+
+@app.command()
+@user_errors
+def generate(
+    paths: list[Path] = typer.Argument(..., help="image files, folders (recursive) or DICOM files"),
+    model: str = typer.Option("champion", help="registry alias, version number, runs:/ URI or a local model folder"),
+    fmt: str = typer.Option("text", "--format", "-f", help="text | json | markdown"),
+    out: Optional[Path] = typer.Option(None, help="write the output to this file"),
+) -> None:
+    """Generate a radiology report (and diagnosis probabilities) for images."""
+    from medvlm.predict import generate_reports
+
+    code = generate_reports(paths, model, _config(), fmt, out)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+@user_errors
+def serve(
+    model: str = typer.Option("champion", help="registry alias, version, runs:/ URI or local model folder"),
+    host: Optional[str] = typer.Option(None, help="default serve.host (127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="default serve.port"),
+) -> None:
+    """Serve the model over REST (GET /health, POST /predict)."""
+    from medvlm.serve import serve as run
+
+    run(_config(), model=model, host=host, port=port)
+
+
+def run() -> None:  # pragma: no cover - console entry for `python -m medvlm.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
