@@ -6,6 +6,7 @@ Every stage receives a `Config`; no stage reads params.yaml itself. Unknown keys
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +41,8 @@ class DataConfig(_Section):
     label_names: list[str] = Field(default_factory=lambda: ["pneumonia"])
     primary_label: str = "pneumonia"
     group_by: Literal["image_hash", "source"] = "image_hash"
+    # folder under root that the manifest's image paths are relative to ("" = root itself; R2Gen: "images")
+    image_dir: str = ""
 
     @model_validator(mode="after")
     def _primary_in_labels(self) -> "DataConfig":
@@ -57,6 +60,7 @@ class ValidateConfig(_Section):
     max_image_pixels: int = 89_478_485
     max_bad_fraction: float = Field(0.10, ge=0.0, le=1.0)
     out_dir: str = "reports/validation"
+    manifest_dir: str = "data/manifest"  # validated.jsonl + quarantine.csv
 
 
 class SplitConfig(_Section):
@@ -85,6 +89,7 @@ class ModelConfig(_Section):
     lm: str = "smollm2-135m-instruct"
     lm_layers: int = Field(4, ge=0)
     prompt_template: bool = True
+    system_prompt: str = "You are a radiologist."  # short: the LM's default system prompt costs ~20 tokens per step
     prompts: list[str] = Field(default_factory=lambda: ["Describe the findings of this chest CT."])
     max_report_tokens: int = Field(96, ge=4)
 
@@ -120,6 +125,7 @@ Strategy = Literal["freeze", "lora", "ptuning_v2"]
 class TrainConfig(_Section):
     strategies: list[Strategy] = Field(default_factory=lambda: ["freeze", "lora", "ptuning_v2"])
     epochs: int = Field(6, ge=1)
+    max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as `epochs` take
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(3e-4, gt=0)
@@ -128,6 +134,7 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, ge=1)
+    checkpoint_dir: str = "checkpoints"  # checkpoints/<strategy>/ (resume after a kill; DVC persistent output)
     log_every: int = Field(10, ge=1)
     out_dir: str = "models"
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
@@ -148,6 +155,21 @@ class LabelerConfig(_Section):
     lr: float = Field(5e-5, gt=0)
     max_length: int = Field(160, ge=8)
     out_dir: str = "models/labeler"
+    threshold: float = Field(0.5, gt=0, lt=1)  # probability above which a label counts as present
+
+
+class CnnTransformerConfig(_Section):
+    """The from-scratch R2Gen-like baseline: small conv net + transformer decoder over a word vocabulary."""
+
+    image_size: int = Field(64, ge=16)
+    d_model: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_word_count: int = Field(2, ge=1)
+    max_tokens: int = Field(80, ge=4)
 
 
 class EvaluateConfig(_Section):
@@ -158,6 +180,10 @@ class EvaluateConfig(_Section):
     baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
         default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"]
     )
+    preprocessing: Literal["r2gen", "dot_split", "iu_xray_r2gen", "none"] = "r2gen"
+    meteor_timeout_s: float = Field(300.0, gt=0)  # a METEOR JVM that stops answering fails the stage instead of hanging
+    examples_thumbnail: int = Field(128, ge=16)  # px of the longest side in reports/examples.html
+    cnn_transformer: CnnTransformerConfig = Field(default_factory=CnnTransformerConfig)
 
 
 class RegisterConfig(_Section):
@@ -166,6 +192,8 @@ class RegisterConfig(_Section):
     tie_break: str = "BLEU_4"
     promotion_margin: float = Field(0.0, ge=0)
     tracking_uri: str = "sqlite:///mlruns.db"
+    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion before failing
+    cache_dir: str = "models/.registry"  # where registered versions are downloaded for --model / serving
 
 
 class MonitorConfig(_Section):
@@ -174,10 +202,26 @@ class MonitorConfig(_Section):
     drift_share: float = Field(0.3, gt=0, le=1)
     pca_components: int = Field(5, ge=1)
     out_dir: str = "reports/drift"
+    embed_size: int = Field(32, ge=4)  # side of the downsampled image behind the pixel-embedding fallback
+    predict_diagnosis: bool = True  # run the champion on the batch to compare predicted vs training prevalence
 
 
 class RetrainConfig(_Section):
     cron: str = "0 3 * * 1"
+    workdir: str = "runs/retrain"  # ingested data and retrained outputs, apart from the DVC-tracked pipeline outputs
+    deployment: str = "retrain/medvlm-retrain"  # <flow name>/<deployment name> the drift monitor triggers
+    task_retries: int = Field(2, ge=0)  # Prefect retries of a task that failed for a transient reason
+    retry_delay_s: float = Field(10.0, ge=0)
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_bytes: int = Field(20_000_000, ge=1024)  # largest accepted image (decoded bytes); larger -> 413
+
+
+# `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Config(_Section):
@@ -195,6 +239,7 @@ class Config(_Section):
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 

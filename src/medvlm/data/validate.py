@@ -1,0 +1,317 @@
+"""Validation stage: every manifest row is checked, bad rows are quarantined with their reasons.
+
+Per-row facts (does the image exist, decode, how large, its content hash, label domain, ...) are computed in
+pandas, one column each; Great Expectations then judges those columns with one expectation per rule, and the
+rows each failed expectation lists (unexpected_index_list) are what gets quarantined, under that expectation's
+reason. So the Data Docs and quarantine.csv cannot disagree.
+
+Duplicates: the same image with two different reports is legitimate (COV-CTR has 6: two radiologists' texts),
+both rows are kept and listed in the summary. The same image with conflicting labels cannot be right for
+both rows, so all rows of such an image are quarantined. A repeated study id quarantines the later rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medvlm.config import Config
+from medvlm.data.images import combine_digests, file_sha256, probe_image, resolve_in_root
+from medvlm.data.sources import LOAD_ERROR, SPLITS, load_source
+from medvlm.errors import DataError, ImageDecodeError, ValidationFailed
+from medvlm.manifest import COLUMNS, write_manifest
+
+VALIDATED = "validated.jsonl"
+QUARANTINE = "quarantine.csv"
+SUMMARY = "summary.json"
+ROW = "row_idx"
+
+
+def run_validation(cfg: Config) -> dict:
+    """Validate the configured source; write validated.jsonl, quarantine.csv, summary.json and Data Docs.
+
+    Raises ValidationFailed (one line) when the quarantined share exceeds validate.max_bad_fraction,
+    after the outputs are written so the reasons can be read.
+    """
+    started = time.perf_counter()
+    vcfg = cfg.validation
+    df = load_source(cfg)
+    rows_in = len(df)
+    manifest = Path(cfg.data.root) / cfg.data.manifest
+    if rows_in == 0:
+        raise ValidationFailed(f"{manifest}: the manifest has no rows")
+    loaded = time.perf_counter()
+
+    checks = _row_checks(df, cfg)
+    checked = time.perf_counter()
+    expectations, reasons = _run_expectations(checks, cfg, Path(vcfg.out_dir) / "docs")
+    judged = time.perf_counter()
+
+    bad = sorted(reasons)
+    kept = df.drop(index=bad).copy()
+    kept["image_hash"] = checks.loc[kept.index, "image_hash"]
+    quarantine = pd.DataFrame(
+        {
+            "source_row": df.loc[bad, "source_row"],
+            "study_id": df.loc[bad, "study_id"],
+            "file": [";".join(map(str, imgs)) if isinstance(imgs, list) else "" for imgs in df.loc[bad, "images"]],
+            "reason": ["; ".join(reasons[i]) for i in bad],
+        }
+    )
+    if rows_in != len(kept) + len(quarantine):  # every row is accounted for: kept or quarantined, never lost
+        raise ValidationFailed(f"{manifest}: {rows_in} rows in but {len(kept)} kept + {len(quarantine)} quarantined")
+
+    out_manifest = Path(vcfg.manifest_dir)
+    write_manifest(kept[[*COLUMNS, "image_hash"]], out_manifest / VALIDATED)
+    quarantine.to_csv(out_manifest / QUARANTINE, index=False)
+    reason_counts: dict[str, int] = {}
+    for row_reasons in reasons.values():
+        for reason in row_reasons:
+            code = reason.split(":", 1)[0]
+            reason_counts[code] = reason_counts.get(code, 0) + 1
+    summary = {
+        "source": cfg.data.source,
+        "manifest": str(manifest),
+        "rows_in": rows_in,
+        "rows_kept": len(kept),
+        "rows_quarantined": len(quarantine),
+        "bad_fraction": round(len(quarantine) / rows_in, 6),
+        "max_bad_fraction": vcfg.max_bad_fraction,
+        "reasons": dict(sorted(reason_counts.items())),
+        "expectations": expectations,
+        "duplicate_images": _duplicate_groups(df, checks),
+        "outputs": {
+            "validated": str(out_manifest / VALIDATED),
+            "quarantine": str(out_manifest / QUARANTINE),
+            "data_docs": str(Path(vcfg.out_dir) / "docs" / "index.html"),
+        },
+        "seconds": {
+            "load": round(loaded - started, 3),
+            "row_checks": round(checked - loaded, 3),
+            "expectations": round(judged - checked, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
+    }
+    Path(vcfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(vcfg.out_dir) / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    if summary["bad_fraction"] > vcfg.max_bad_fraction:
+        top = ", ".join(f"{k} {v}" for k, v in sorted(reason_counts.items(), key=lambda kv: -kv[1])[:3])
+        raise ValidationFailed(
+            f"{manifest}: {len(quarantine)} of {rows_in} rows quarantined ({summary['bad_fraction']:.1%} > "
+            f"validate.max_bad_fraction {vcfg.max_bad_fraction:.1%}; {top}); see {out_manifest / QUARANTINE}"
+        )
+    return summary
+
+
+def _row_checks(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """One column per fact a rule looks at. None means "not applicable" (e.g. no decode check for a missing
+    file), which Great Expectations skips, so each broken row is blamed for its first real problem."""
+    root = Path(cfg.data.root)
+    vcfg = cfg.validation
+    file_cache: dict[str, dict[str, Any]] = {}  # a file shared by several rows is hashed and decoded once
+    facts = []
+    for idx, row in df.iterrows():
+        images = row["images"] if isinstance(row["images"], list) else []
+        per_file = [_file_facts(root, rel, vcfg.max_image_pixels, file_cache) for rel in images]
+        in_root = all(f["in_root"] for f in per_file) if per_file else None
+        exists = all(f["exists"] for f in per_file) if per_file and in_root else None
+        decodes = all(f["decodes"] for f in per_file) if exists else None
+        errors = [f["error"] for f in per_file if f["error"]]
+        labels = row["labels"] if isinstance(row["labels"], dict) else {}
+        report = row["report"]
+        facts.append(
+            {
+                ROW: idx,
+                "study_id": row["study_id"],
+                "load_error": row[LOAD_ERROR],
+                "report": report if isinstance(report, str) else None,
+                "report_is_text": None if report is None else isinstance(report, str),
+                "images_in_root": in_root,
+                "images_exist": exists,
+                "images_decode": decodes,
+                "image_error": "; ".join(errors) or None,
+                "image_min_side": min(f["min_side"] for f in per_file) if decodes else None,
+                "image_hash": combine_digests([f["sha256"] for f in per_file]) if exists else None,
+                "label_keys_match": sorted(labels) == sorted(cfg.data.label_names) if labels else None,
+                **{f"label__{name}": labels.get(name) for name in cfg.data.label_names},
+                "labels_json": json.dumps(labels, sort_keys=True, default=str),
+                "split": row["split"],
+            }
+        )
+    checks = pd.DataFrame(facts, index=df.index)
+    checks["study_id_repeat"] = checks["study_id"].duplicated(keep="first")
+    # a content hash whose rows disagree on labels: every row of it is suspect
+    hashed = checks[checks["image_hash"].notna()]
+    conflicting = hashed.groupby("image_hash")["labels_json"].nunique()
+    conflict_hashes = set(conflicting[conflicting > 1].index)
+    checks["hash_label_conflict"] = checks["image_hash"].map(lambda h: h in conflict_hashes if h else None)
+    return checks.astype(object).where(checks.notna(), None)
+
+
+def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str, Any]:
+    key = str(rel)
+    if key in cache:
+        return cache[key]
+    facts: dict[str, Any] = {"in_root": False, "exists": None, "decodes": None, "min_side": None, "error": None}
+    try:
+        path = resolve_in_root(root, key)
+    except DataError as exc:
+        facts["error"] = str(exc)
+        cache[key] = facts
+        return facts
+    facts.update(in_root=True, exists=path.is_file())
+    if not facts["exists"]:
+        facts["error"] = f"{key}: image file not found"
+    else:
+        facts["sha256"] = file_sha256(path)
+        try:
+            info = probe_image(path, max_pixels=max_pixels)
+            facts.update(decodes=True, min_side=min(info.width, info.height))
+        except ImageDecodeError as exc:
+            facts.update(decodes=False, error=str(exc).replace(str(path), key))
+    cache[key] = facts
+    return facts
+
+
+def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
+    """(reason, expectation class name, kwargs). Reasons are what quarantine.csv and the summary count."""
+    vcfg = cfg.validation
+    specs = [
+        ("load_error", "ExpectColumnValuesToBeNull", {"column": "load_error"}),
+        ("report_missing", "ExpectColumnValuesToNotBeNull", {"column": "report_is_text"}),
+        ("report_not_text", "ExpectColumnValuesToBeInSet", {"column": "report_is_text", "value_set": [True]}),
+        (
+            "report_length",
+            "ExpectColumnValueLengthsToBeBetween",
+            {"column": "report", "min_value": vcfg.min_report_chars, "max_value": vcfg.max_report_chars},
+        ),
+        ("image_outside_root", "ExpectColumnValuesToBeInSet", {"column": "images_in_root", "value_set": [True]}),
+        ("image_missing", "ExpectColumnValuesToBeInSet", {"column": "images_exist", "value_set": [True]}),
+        ("image_undecodable", "ExpectColumnValuesToBeInSet", {"column": "images_decode", "value_set": [True]}),
+        (
+            "image_too_small",
+            "ExpectColumnValuesToBeBetween",
+            {"column": "image_min_side", "min_value": vcfg.min_image_side},
+        ),
+        ("label_keys", "ExpectColumnValuesToBeInSet", {"column": "label_keys_match", "value_set": [True]}),
+        *(
+            ("label_value", "ExpectColumnValuesToBeInSet", {"column": f"label__{name}", "value_set": [0, 1]})
+            for name in cfg.data.label_names
+        ),
+        ("split_value", "ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}),
+        ("duplicate_study_id", "ExpectColumnValuesToBeInSet", {"column": "study_id_repeat", "value_set": [False]}),
+        (
+            "duplicate_image_label_conflict",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "hash_label_conflict", "value_set": [False]},
+        ),
+    ]
+    return specs
+
+
+def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
+    """Run the suite with a Great Expectations checkpoint; return per-expectation results and row -> reasons."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx  # imported here: ~5 s, only this stage needs it
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    if docs_dir.exists():
+        shutil.rmtree(docs_dir)  # the docs show this run only
+    docs_dir.mkdir(parents=True)
+    # in-memory stores, one local Data Docs site (no temp-dir default site), no analytics, no progress bars
+    site_store = {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())}
+    project = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        data_docs_sites={
+            "local": {
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": site_store,
+            }
+        },
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    context = gx.get_context(project_config=project, mode="ephemeral")
+    schema = [ROW, "load_error", "report", "images_exist", "images_decode", "image_hash", "label_keys_match"]
+    suite = gx.ExpectationSuite(name="manifest_rows")
+    suite.add_expectation(gx.expectations.ExpectTableColumnsToMatchSet(column_set=schema, exact_match=False))
+    by_id: dict[str, str] = {}
+    for reason, class_name, kwargs in _expectation_specs(cfg):
+        expectation = getattr(gx.expectations, class_name)(**kwargs, meta={"reason": reason})
+        suite.add_expectation(expectation)
+    suite = context.suites.add(suite)
+    asset = context.data_sources.add_pandas("manifest").add_dataframe_asset("rows")
+    batch = asset.add_batch_definition_whole_dataframe("all_rows")
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="manifest_rows", data=batch, suite=suite)
+    )
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"])],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]},
+        )
+    )
+    frame = checks.drop(columns=["labels_json"]).reset_index(drop=True)
+    result = checkpoint.run(batch_parameters={"dataframe": frame})
+
+    detail = {"image_undecodable": "image_error", "image_missing": "image_error", "image_outside_root": "image_error",
+              "load_error": "load_error"}
+    reasons: dict[int, list[str]] = {}
+    summaries = []
+    for run in result.run_results.values():
+        for res in run.results:
+            config = res.expectation_config
+            reason = (config.meta or {}).get("reason")
+            unexpected = res.result.get("unexpected_index_list") or []
+            summaries.append(
+                {
+                    "expectation": config.type,
+                    "column": config.kwargs.get("column"),
+                    "reason": reason,
+                    "success": bool(res.success),
+                    "unexpected_count": int(res.result.get("unexpected_count") or 0),
+                }
+            )
+            if reason is None:
+                if not res.success:  # a table-level rule: the check columns themselves are wrong (a bug here)
+                    raise ValidationFailed(f"validation: {config.type} failed on the row-check table")
+                continue
+            for hit in unexpected:
+                row = int(hit[ROW])
+                why = checks.iloc[row][detail[reason]] if reason in detail else None
+                reasons.setdefault(row, []).append(f"{reason}: {why}" if why else reason)
+    index = list(checks.index)
+    return summaries, {index[row]: why for row, why in reasons.items()}
+
+
+def _duplicate_groups(df: pd.DataFrame, checks: pd.DataFrame) -> list[dict]:
+    """Images that appear in more than one row: who they are, and whether reports/labels differ."""
+    groups = []
+    hashed = checks[checks["image_hash"].notna()]
+    for digest, members in hashed.groupby("image_hash", sort=True):
+        if len(members) < 2:
+            continue
+        rows = df.loc[members.index]
+        groups.append(
+            {
+                "image_hash": digest,
+                "study_ids": rows["study_id"].tolist(),
+                "source_rows": [int(r) for r in rows["source_row"]],
+                "reports_differ": rows["report"].astype(str).nunique() > 1,
+                "labels_conflict": members["labels_json"].nunique() > 1,
+            }
+        )
+    return groups
