@@ -62,6 +62,10 @@ bench: install
 
 # Local Prefect server + the scheduled deployments (retraining cron from params.yaml). UI: http://127.0.0.1:$(PREFECT_PORT)
 serve-flows: install
+	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & srv=$$!; \
+	trap "kill $$srv" EXIT; \
+	until curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; do sleep 1; done; \
 	$(BIN)/python flows/serve.py --port $(PREFECT_PORT)
 
 mlflow-ui: install

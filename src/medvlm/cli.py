@@ -128,7 +128,7 @@ def train(
 @app.command("train-labeler")
 @user_errors
 def train_labeler() -> None:
-    """Fine-tune the BERT (MiniLM) labeler on the training reports."""
+    """Train the report labeler (MiniLM encoder + per-label heads) on the training reports."""
     from medvlm.labeler import train_labeler as run
 
     _print_summary(run(_config()))
@@ -164,11 +164,14 @@ def register() -> None:
 
 @app.command()
 @user_errors
-def promote(version: str = typer.Argument(..., help="registered model version to make champion")) -> None:
+def promote(
+    version: str = typer.Argument(..., help="registered model version to make champion"),
+    gate: bool = typer.Option(False, "--gate", help="apply the metric gate instead of promoting by hand"),
+) -> None:
     """Make a registered version the champion (alias swap)."""
     from medvlm.registry import promote as run
 
-    _print_summary(run(_config(), version))
+    _print_summary(run(_config(), version, gate=gate))
 
 
 @app.command()

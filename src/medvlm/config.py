@@ -150,10 +150,12 @@ class GenerateConfig(_Section):
 
 
 class LabelerConfig(_Section):
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    max_length: int = Field(160, ge=8)
+    """Frozen all-MiniLM-L6-v2 (mean+max pooled tokens) + one logistic-regression head per label."""
+
+    batch_size: int = Field(32, ge=1)  # encoder forward batch
+    max_length: int = Field(192, ge=8)
+    C: float = Field(10.0, gt=0)  # inverse L2 strength of the logistic heads
+    max_iter: int = Field(2000, ge=10)
     out_dir: str = "models/labeler"
     threshold: float = Field(0.5, gt=0, lt=1)  # probability above which a label counts as present
 
@@ -165,7 +167,7 @@ class CnnTransformerConfig(_Section):
     d_model: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_word_count: int = Field(2, ge=1)
@@ -202,7 +204,6 @@ class MonitorConfig(_Section):
     drift_share: float = Field(0.3, gt=0, le=1)
     pca_components: int = Field(5, ge=1)
     out_dir: str = "reports/drift"
-    embed_size: int = Field(32, ge=4)  # side of the downsampled image behind the pixel-embedding fallback
     predict_diagnosis: bool = True  # run the champion on the batch to compare predicted vs training prevalence
 
 

@@ -1,0 +1,234 @@
+"""evaluate@name: one trained strategy (models/<name>) or one baseline, scored on the test split the same way.
+
+Writes reports/generations/<name>.jsonl (what was generated, per test study) and reports/metrics/<name>.json
+(point estimates, bootstrap CIs, the scoring conventions, the test-set hash, the labeler's own quality next to the
+clinical-efficacy figures, and for models the discrimination module's own accuracy from the image). Everything is
+logged to MLflow, into the model's training run when its id is recorded in the model folder.
+
+Unit of evaluation: one image. Test rows that share an image (COV-CTR has a few images with two reports) form one
+unit whose reports are all references (multi-reference, as pycocoevalcap supports), so no image counts twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from medvlm.bootstrap import (
+    bleu_family,
+    bootstrap_intervals,
+    cider_family,
+    clinical_family,
+    mean_family,
+    meteor_family,
+)
+from medvlm.config import Config
+from medvlm.errors import EvaluationError
+from medvlm.labeler import Labeler
+from medvlm.manifest import read_manifest
+from medvlm.metrics import CONVENTIONS, MeteorScorer, clinical_efficacy, coco_scores, medvlm_scores, preprocess
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("retrieval", "consensus", "cnn_transformer", "oracle")
+
+
+def evaluation_units(test: pd.DataFrame) -> list[dict]:
+    """Test rows grouped by image: [{"unit_id", "row_ids", "references", "labels"}] in split order."""
+    key = test["image_hash"] if "image_hash" in test.columns else test["study_id"]
+    units: dict[str, dict] = {}
+    for k, row in zip(key, test.to_dict(orient="records")):
+        unit = units.setdefault(str(k), {"unit_id": str(row["study_id"]), "row_ids": [], "references": [],
+                                         "labels": row.get("labels") or {}})
+        unit["row_ids"].append(str(row["study_id"]))
+        unit["references"].append(str(row["report"]))
+    return list(units.values())
+
+
+def check_generations(units: list[dict], generations: list[dict]) -> dict[str, dict]:
+    """Generations keyed by unit id; EvaluationError naming the ids when any test study lacks a usable one."""
+    by_id: dict[str, dict] = {}
+    duplicated = []
+    for g in generations:
+        sid = str(g.get("study_id"))
+        if sid in by_id:
+            duplicated.append(sid)
+        by_id[sid] = g
+    if duplicated:
+        raise EvaluationError(f"generations: study ids appear more than once: {sorted(set(duplicated))[:10]}")
+    row_to_unit = {r: u["unit_id"] for u in units for r in u["row_ids"]}
+    unknown = sorted(set(by_id) - set(row_to_unit))
+    if unknown:
+        raise EvaluationError(f"generations for ids not in the test split: {unknown[:10]} ({len(unknown)} in all)")
+    out, missing, empty = {}, [], []
+    for u in units:
+        found = [by_id[r] for r in u["row_ids"] if r in by_id]
+        if not found:
+            missing.append(u["unit_id"])
+            continue
+        text = found[0].get("generated", found[0].get("report"))
+        if not isinstance(text, str) or not text.strip():
+            empty.append(u["unit_id"])
+            continue
+        out[u["unit_id"]] = {**found[0], "generated": text}
+    if missing:
+        raise EvaluationError(f"no generation for test studies {missing[:10]} ({len(missing)} of {len(units)})")
+    if empty:
+        raise EvaluationError(f"empty generated report for test studies {empty[:10]} ({len(empty)} of {len(units)})")
+    return out
+
+
+def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
+    """Point estimates and bootstrap CIs of every metric over all units."""
+    ev, names = cfg.evaluate, cfg.data.label_names
+    zh = cfg.data.report_language == "zh"
+    convention = "zh_jieba" if zh else ev.preprocessing
+    ids = [u["unit_id"] for u in units]
+    gts = {u["unit_id"]: preprocess(u["references"], convention) for u in units}
+    res = {i: preprocess([generated[i]["generated"]], convention) for i in ids}
+    started = time.perf_counter()
+    notes = {}
+    if zh:  # the METEOR jar only knows European languages; sanitising would delete every Chinese character
+        result, notes["METEOR"] = coco_scores(gts, res), "not computed for Chinese (METEOR 1.5 has no zh resources)"
+    else:
+        with MeteorScorer(ev.meteor_timeout_s) as meteor:
+            result = coco_scores(gts, res, meteor)
+    medvlm = medvlm_scores({u["unit_id"]: u["references"] for u in units},
+                           {i: [generated[i]["generated"]] for i in ids}, cfg.data.report_language)
+    point = dict(result.scores)
+    point.update({k: float(v.mean()) for k, v in medvlm.items()})
+    families = [bleu_family(gts, res), cider_family(gts, res),
+                mean_family({"ROUGE_L": result.per_study["ROUGE_L"], **medvlm})]
+    if result.meteor_stats is not None:
+        families.append(meteor_family(result.meteor_stats))
+    y_true = np.asarray([[float(u["labels"].get(n, 0)) for n in names] for u in units])
+    clinical: dict = {"labels_from": "test split labels (ground truth)", "threshold": cfg.labeler.threshold}
+    labeler_dir = Path(cfg.labeler.out_dir)
+    if (labeler_dir / "heads.npz").is_file():
+        y_lab = Labeler.load(labeler_dir).predict_proba([generated[i]["generated"] for i in ids])
+        ce = clinical_efficacy(y_true, y_lab, names, cfg.data.primary_label, cfg.labeler.threshold)
+        point.update({k: v for k, v in ce.items()})
+        families.append(clinical_family(y_true, y_lab, names, cfg.data.primary_label, cfg.labeler.threshold))
+        clinical["labeler_reference_quality"] = Labeler.recorded_quality(labeler_dir)
+        clinical["generated_labels"] = "labeler applied to the generated reports"
+    else:
+        clinical["labeler"] = f"not trained ({labeler_dir} has no heads.npz): CE_* metrics omitted"
+    probs = [generated[i].get("probabilities") or {} for i in ids]
+    if all(all(n in p for n in names) for p in probs):
+        y_dem = np.asarray([[float(p[n]) for n in names] for p in probs])
+        dem = clinical_efficacy(y_true, y_dem, names, cfg.data.primary_label, cfg.labeler.threshold)
+        point.update({k.replace("CE_", "DEM_", 1): v for k, v in dem.items()})
+        families.append(clinical_family(y_true, y_dem, names, cfg.data.primary_label, cfg.labeler.threshold, "DEM_"))
+        clinical["discrimination_module"] = "DEM_* = the model's own label probabilities from the image"
+    intervals = bootstrap_intervals(families, len(ids), point, ev.bootstrap_iterations, ev.bootstrap_seed, ev.confidence)
+    metrics = {k: intervals.get(k, {"value": v, "ci_low": None, "ci_high": None, "n_resamples": 0}) for k, v in point.items()}
+    for k, m in metrics.items():  # every metric covers every unit: the bootstrap draws from all of them
+        m["n"] = len(ids)
+    return {"metrics": metrics, "clinical_efficacy": clinical, "preprocessing": convention, "notes": notes,
+            "seconds_scoring": round(time.perf_counter() - started, 2)}
+
+
+def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
+    """Generations of a strategy (models/<name>) or a baseline, in split order, plus facts about the producer."""
+    if name in BASELINES:
+        from medvlm.baselines import generate_baseline
+
+        return generate_baseline(cfg, name)
+    model_dir = Path(cfg.train.out_dir) / name
+    if not (model_dir / "model_config.json").is_file():
+        raise EvaluationError(f"{name}: neither a baseline {list(BASELINES)} nor a trained model ({model_dir} is empty)")
+    from medvlm.features import load_features
+    from medvlm.inference import Predictor
+
+    predictor = Predictor.load(model_dir, cfg)
+    features, ids = load_features(cfg, "test")
+    rows = predictor.predict_features(features)
+    gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
+    return gens, {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
+
+
+def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> dict:
+    """Score `name` on the test split; `generations` (study_id, generated, probabilities) skips producing them."""
+    from medvlm.registry import split_content_hash
+
+    started = time.perf_counter()
+    test_path = Path(cfg.split.out_dir) / "test.jsonl"
+    test = read_manifest(test_path)
+    if test.empty:
+        raise EvaluationError(f"{test_path}: the test split is empty")
+    units = evaluation_units(test)
+    producer = {"kind": "given"}
+    if generations is None:
+        generations, producer = produce(cfg, name)
+    generated = check_generations(units, generations)
+    scored = score(cfg, units, generated)
+    out = Path(cfg.evaluate.out_dir)
+    gen_path, metrics_path = out / "generations" / f"{name}.jsonl", out / "metrics" / f"{name}.json"
+    gen_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with gen_path.open("w", encoding="utf-8") as fh:
+        for u in units:
+            g = generated[u["unit_id"]]
+            fh.write(json.dumps({"study_id": u["unit_id"], "row_ids": u["row_ids"], "references": u["references"],
+                                 "generated": g["generated"], "probabilities": g.get("probabilities") or {},
+                                 "labels": u["labels"]}, ensure_ascii=False) + "\n")
+    result = {
+        "name": name,
+        "producer": producer,
+        "n_test": len(units),
+        "n_test_rows": len(test),
+        "test_data_hash": split_content_hash(test_path),
+        "conventions": {"nlg": CONVENTIONS.get(scored["preprocessing"], scored["preprocessing"]),
+                        "medvlm": CONVENTIONS["medvlm"], "meteor_bootstrap": CONVENTIONS["meteor_bootstrap"],
+                        "unit": "one image; all its reports are references"},
+        "bootstrap": {"iterations": cfg.evaluate.bootstrap_iterations, "seed": cfg.evaluate.bootstrap_seed,
+                      "confidence": cfg.evaluate.confidence, "method": "percentile, studies resampled with replacement"},
+        **scored,
+    }
+    result["seconds"] = round(time.perf_counter() - started, 2)
+    result["mlflow_run_id"] = _log_to_mlflow(cfg, name, result, [gen_path])
+    metrics_path.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+    return result
+
+
+def recorded_run_id(model_dir: Path) -> str | None:
+    """The training run of a model, when the model folder records it (run_info.json or model_config.json)."""
+    for file in ("run_info.json", "model_config.json"):
+        path = model_dir / file
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            for scope in (meta, meta.get("train_summary") or {}):
+                if isinstance(scope, dict) and isinstance(scope.get("run_id"), str):
+                    return scope["run_id"]
+    return None
+
+
+def _log_to_mlflow(cfg: Config, name: str, result: dict, artifacts: list[Path]) -> str | None:
+    from medvlm.tracking import log_artifacts, log_metrics, mlflow_run, tracking_enabled
+
+    if not tracking_enabled(cfg):
+        return None
+    flat = {}
+    for k, m in result["metrics"].items():
+        for field, key in (("value", f"test_{k}"), ("ci_low", f"test_{k}_ci_low"), ("ci_high", f"test_{k}_ci_high")):
+            if m.get(field) is not None:
+                flat[key] = m[field]
+    run_id = recorded_run_id(Path(cfg.train.out_dir) / name) if name not in BASELINES else None
+    if run_id:
+        import mlflow
+
+        mlflow.set_tracking_uri(cfg.register.tracking_uri)
+        with mlflow.start_run(run_id=run_id) as run:
+            log_metrics(run, flat)
+            log_artifacts(run, [str(p) for p in artifacts], "evaluation")
+            return run.info.run_id
+    with mlflow_run(cfg, f"evaluate-{name}", {"stage": "evaluate", "evaluated": name,
+                                              "test_data_hash": result["test_data_hash"]}) as run:
+        log_metrics(run, flat)
+        log_artifacts(run, [str(p) for p in artifacts], "evaluation")
+        return run.info.run_id if run else None

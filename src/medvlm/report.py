@@ -1,0 +1,163 @@
+"""report: one results table over every evaluated model and baseline, CI bar charts, qualitative examples.
+
+Reads reports/metrics/<name>.json and reports/generations/<name>.jsonl (written by evaluate) and writes
+reports/results.md, reports/plots/<metric>.png, reports/examples.html and reports/summary.json (flat
+name -> metric -> value, for `dvc metrics show/diff`).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from medvlm.config import Config
+from medvlm.errors import EvaluationError
+
+TABLE_METRICS = ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "medvlm_BLEU_4", "medvlm_METEOR",
+                 "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc"]
+PLOT_METRICS = ["BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CE_f1"]
+
+
+def _order(cfg: Config, found: list[str]) -> list[str]:
+    preferred = [*cfg.train.strategies, *cfg.evaluate.baselines]
+    return [n for n in preferred if n in found] + sorted(n for n in found if n not in preferred)
+
+
+def _cell(m: dict | None) -> str:
+    if not m or m.get("value") is None:
+        return "–"
+    if m.get("ci_low") is None:
+        return f"{m['value']:.3f}"
+    return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+
+
+def build_report(cfg: Config) -> dict:
+    out = Path(cfg.evaluate.out_dir)
+    metrics_dir = out / "metrics"
+    results = {}
+    for path in sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []:
+        if path.name == "summary.json":
+            continue
+        try:
+            results[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise EvaluationError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not results:
+        raise EvaluationError(f"{metrics_dir}: no evaluated models or baselines (run `medvlm evaluate NAME` first)")
+    names = _order(cfg, list(results))
+    hashes = {r.get("test_data_hash") for r in results.values()}
+    columns = [m for m in TABLE_METRICS if any(m in results[n]["metrics"] for n in names)]
+    lines = [
+        "# Results on the test split",
+        "",
+        f"Mean [{cfg.evaluate.confidence:.0%} bootstrap CI] over {results[names[0]]['n_test']} test images "
+        f"({cfg.evaluate.bootstrap_iterations} resamples, seed {cfg.evaluate.bootstrap_seed}).",
+        f"Test data hash: `{', '.join(sorted(str(h) for h in hashes))}`"
+        + ("  **(differs between rows: not comparable)**" if len(hashes) > 1 else ""),
+        "",
+        "| model | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for n in names:
+        lines.append(f"| {n} | " + " | ".join(_cell(results[n]["metrics"].get(m)) for m in columns) + " |")
+    first = results[names[0]]
+    lines += ["", "## Conventions", ""]
+    lines += [f"- **{k}**: {v}" for k, v in first.get("conventions", {}).items()]
+    quality = first.get("clinical_efficacy", {}).get("labeler_reference_quality")
+    lines += ["", "## Clinical efficacy", "",
+              "CE_* = the report labeler applied to the generated text, against the test labels. DEM_* = the model's own "
+              "label probabilities from the image (retrieval: the neighbour's labels)."]
+    if quality:
+        lines.append(f"Labeler on the test split's reference reports: accuracy {quality['accuracy']:.3f}, "
+                     f"micro F1 {quality['micro_f1']:.3f}, macro F1 {quality['macro_f1']:.3f} (n = {quality['n']}).")
+    else:
+        lines.append("No labeler was trained: CE_* figures are absent.")
+    lines += ["", "oracle picks the best training report by looking at the references: a ceiling, not a method.", ""]
+    (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
+    plots = _plots(out / "plots", names, results)
+    examples = _examples(cfg, out, names)
+    summary = {n: {k: m["value"] for k, m in results[n]["metrics"].items() if m.get("value") is not None} for n in names}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return {"results": str(out / "results.md"), "plots": plots, "examples": str(examples),
+            "summary": str(out / "summary.json"), "models": names}
+
+
+def _plots(folder: Path, names: list[str], results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in PLOT_METRICS:
+        rows = [(n, results[n]["metrics"].get(metric)) for n in names]
+        rows = [(n, m) for n, m in rows if m and m.get("value") is not None]
+        if not rows:
+            continue
+        values = [m["value"] for _, m in rows]
+        low = [m["value"] - (m["ci_low"] if m.get("ci_low") is not None else m["value"]) for _, m in rows]
+        high = [(m["ci_high"] if m.get("ci_high") is not None else m["value"]) - m["value"] for _, m in rows]
+        fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 3.2))
+        ax.bar([n for n, _ in rows], values, yerr=[low, high], capsize=4, color="#4c72b0")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} (bootstrap CI)")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        path = folder / f"{metric}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def _thumbnail(cfg: Config, rel_paths: list[str]) -> str:
+    from medvlm.data.images import load_images_for_study
+    from medvlm.errors import DataError
+
+    try:
+        img = load_images_for_study(cfg.data.root, rel_paths)[0]
+    except DataError:  # the examples page must not fail because one image moved; it says so instead
+        return ""
+    img.thumbnail((cfg.evaluate.examples_thumbnail, cfg.evaluate.examples_thumbnail))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
+    from medvlm.manifest import read_manifest
+
+    test_path = Path(cfg.split.out_dir) / "test.jsonl"
+    images = {}
+    if test_path.is_file():
+        test = read_manifest(test_path)
+        images = {str(s): list(i) for s, i in zip(test["study_id"], test["images"])}
+    generations = {}
+    for n in names:
+        path = out / "generations" / f"{n}.jsonl"
+        if path.is_file():
+            generations[n] = {r["study_id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+    ids = next(iter(generations.values())).keys() if generations else []
+    parts = ["<!doctype html><meta charset='utf-8'><title>medvlm examples</title>",
+             "<style>body{font-family:sans-serif} td{vertical-align:top;border-bottom:1px solid #ccc;padding:4px}"
+             " .p{color:#555;font-size:85%}</style><h1>Test-set examples</h1><table>"]
+    for sid in ids:
+        thumb = _thumbnail(cfg, images[sid]) if sid in images else ""
+        first = next(iter(generations.values()))[sid]
+        img = f"<img src='data:image/png;base64,{thumb}'>" if thumb else "(image unavailable)"
+        cells = [f"<td>{img}<br>{html.escape(sid)}</td>",
+                 "<td><b>reference</b><br>" + "<hr>".join(html.escape(r) for r in first["references"]) + "</td>"]
+        for n, gens in generations.items():
+            g = gens.get(sid, {})
+            probs = ", ".join(f"{k} {v:.2f}" for k, v in (g.get("probabilities") or {}).items())
+            cells.append(f"<td><b>{html.escape(n)}</b><br>{html.escape(g.get('generated', ''))}"
+                         f"<div class='p'>{html.escape(probs)}</div></td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>")
+    parts.append("</table>")
+    path = out / "examples.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path

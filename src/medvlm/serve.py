@@ -1,0 +1,169 @@
+"""`medvlm serve`: the champion (or any --model) over REST on 127.0.0.1.
+
+    GET  /health   -> {"status": "ok", "model": ..., "labels": [...]}
+    POST /predict  -> {"report": str, "probabilities": {label: p}}
+         body: JSON {"image": "<base64 image bytes>"}  or  multipart/form-data with a file field "file" (or "image")
+
+Bad input is always a 4xx with a one-line message, never a 500: 413 too large (serve.max_bytes, checked before the
+body is read when Content-Length says so, and while streaming otherwise), 415 not JSON/multipart or not an image,
+400 malformed JSON / base64, 422 missing field. Uploads are decoded by the one image loader (pixel-bomb guard
+included); nothing a client sends is ever unpickled. One predictor, one request at a time (a lock): the model is
+not re-entrant and a CPU cannot run two generations faster than one after the other.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import threading
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from medvlm.config import Config
+from medvlm.errors import DataError
+
+# base64 grows bytes by 4/3; the JSON or multipart envelope around the image gets this much on top
+ENVELOPE_BYTES = 64 * 1024
+FILE_FIELDS = ("file", "image")
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def body_limit(max_bytes: int) -> int:
+    return max_bytes * 4 // 3 + 4 + ENVELOPE_BYTES
+
+
+def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> FastAPI:
+    """The REST app around an already loaded predictor (anything with .predict(list[PIL.Image]))."""
+    app = FastAPI(title="MedVLM", version="1", docs_url="/docs", redoc_url=None)
+    lock = threading.Lock()
+    max_bytes = cfg.serve.max_bytes
+    info = {"labels": list(cfg.data.label_names), **(model_info or {})}
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, exc: BadRequest):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", **info}
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        data = await _image_bytes(request, max_bytes)
+        image = await run_in_threadpool(_decode, data, cfg.validation.max_image_pixels)
+
+        def _run():
+            with lock:
+                return predictor.predict([image])[0]
+
+        pred = await run_in_threadpool(_run)
+        probs = {k: float(v) for k, v in pred.get("probabilities", {}).items()}
+        return {"report": pred["report"], "probabilities": probs}
+
+    return app
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise BadRequest(413, f"request body of {declared} bytes exceeds the limit (serve.max_bytes image bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked uploads have no Content-Length: stop reading as soon as the limit is passed
+            raise BadRequest(413, "request body exceeds the limit (serve.max_bytes image bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _image_bytes(request: Request, max_bytes: int) -> bytes:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in ("application/json", "multipart/form-data"):
+        raise BadRequest(415, f"content type {content_type or 'none'!r}: send application/json "
+                              "{\"image\": <base64>} or multipart/form-data with a file field 'file'")
+    body = await _read_capped(request, body_limit(max_bytes))
+    if content_type == "application/json":
+        data = _from_json(body)
+    else:
+        data = await _from_multipart(request, body, max_bytes)
+    if not data:
+        raise BadRequest(422, "the image is empty")
+    if len(data) > max_bytes:
+        raise BadRequest(413, f"image of {len(data)} bytes exceeds serve.max_bytes ({max_bytes})")
+    return data
+
+
+def _from_json(body: bytes) -> bytes:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(400, f"body is not valid JSON ({exc})") from None
+    if not isinstance(payload, dict) or "image" not in payload:
+        raise BadRequest(422, "missing field 'image' (base64-encoded image bytes)")
+    if not isinstance(payload["image"], str):
+        raise BadRequest(422, "field 'image' must be a base64 string")
+    try:
+        return base64.b64decode(payload["image"], validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(400, "field 'image' is not valid base64") from None
+
+
+async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> bytes:
+    async def _stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, _stream(), max_files=1, max_fields=8).parse()
+    except MultiPartException as exc:
+        raise BadRequest(400, f"malformed multipart body ({exc.message})") from None
+    try:
+        upload = next((form[f] for f in FILE_FIELDS if f in form and hasattr(form[f], "read")), None)
+        if upload is None:
+            raise BadRequest(422, "missing file field 'file' in the multipart form")
+        return await upload.read(max_bytes + 1)
+    finally:
+        await form.close()
+
+
+def _decode(data: bytes, max_pixels: int):
+    from medvlm.predict import decode_image_bytes
+
+    try:
+        return decode_image_bytes(data, max_pixels)
+    except DataError as exc:
+        # the loader names its (temporary) file; the client only needs what is wrong with the upload
+        reason = str(exc).split(": ", 1)[-1]
+        raise BadRequest(415, f"upload is not a readable image: {reason}") from None
+
+
+def serve(
+    cfg: Config,
+    model: str = "champion",
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    predictor_factory: Callable | None = None,
+) -> None:
+    """Load the model once, then run uvicorn until interrupted (127.0.0.1 unless serve.host/--host says otherwise)."""
+    import uvicorn
+
+    from medvlm.predict import load_predictor
+    from medvlm.resolve import resolve_model
+
+    predictor = load_predictor(model, cfg, predictor_factory)
+    app = create_app(predictor, cfg, {"model": model, "model_dir": str(resolve_model(model, cfg))})
+    uvicorn.run(app, host=host or cfg.serve.host, port=port or cfg.serve.port, log_level="info")

@@ -1,0 +1,198 @@
+"""Registry: pyfunc wrapper, registration, the champion/challenger gate, racing promotions, --model resolution."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from lifecycle_fakes import FACTORY, LABELS, make_model_dir, write_png
+from medvlm.config import config_from_dict
+from medvlm.errors import ModelError, RegistryError
+from medvlm.registry import decide_promotion, metric_ci, metric_value, pick_best
+from medvlm.resolve import resolve_model
+
+TESTS = Path(__file__).resolve().parent
+
+
+def make_cfg(root: Path, **register):
+    return config_from_dict(
+        {
+            "data": {"label_names": LABELS, "primary_label": LABELS[0]},
+            "train": {"strategies": ["freeze", "lora"], "out_dir": str(root / "models")},
+            "evaluate": {"out_dir": str(root / "reports")},
+            "split": {"out_dir": str(root / "split")},
+            "register": {"tracking_uri": f"sqlite:///{root / 'mlruns.db'}", "cache_dir": str(root / "cache"), **register},
+        }
+    )
+
+
+def write_candidate(cfg, strategy: str, cider: float, bleu: float, bias: float, data_hash: str = "testhash") -> None:
+    make_model_dir(Path(cfg.train.out_dir) / strategy, bias=bias)
+    metrics = Path(cfg.evaluate.out_dir) / "metrics" / f"{strategy}.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"CIDEr": {"value": cider, "ci": [cider - 0.1, cider + 0.1]}, "BLEU_4": bleu,
+                                   "test_data_hash": data_hash}))
+
+
+def view(version, primary, tie=0.0, data_hash="h"):
+    return {"version": version, "primary": primary, "tie_break": tie, "data_hash": data_hash}
+
+
+def test_gate_decisions():
+    assert decide_promotion(view("1", 0.5), None, 0.0)[0]
+    assert decide_promotion(view("2", 0.6), view("1", 0.5), 0.0)[0]
+    assert not decide_promotion(view("2", 0.4), view("1", 0.5), 0.0)[0]
+    assert not decide_promotion(view("2", 0.55), view("1", 0.5), 0.1)[0]  # margin not reached
+    assert decide_promotion(view("2", 0.5, tie=0.3), view("1", 0.5, tie=0.2), 0.0)[0]  # tie-break
+    assert not decide_promotion(view("2", 0.5, tie=0.2), view("1", 0.5, tie=0.2), 0.0)[0]  # a tie keeps the champion
+    promote, reason = decide_promotion(view("2", 0.9, data_hash="a"), view("1", 0.1, data_hash="b"), 0.0)
+    assert not promote and "not comparable" in reason
+
+
+def test_metric_parsing_and_pick_best():
+    m = {"metrics": {"CIDEr": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}, "BLEU_4": 0.2}
+    assert metric_value(m, "CIDEr") == 0.4 and metric_value(m, "BLEU_4") == 0.2 and metric_value(m, "x") is None
+    assert metric_ci(m, "CIDEr") == (0.3, 0.5)
+    best = pick_best([{"strategy": "a", "primary": 0.5, "tie_break": 0.1}, {"strategy": "b", "primary": 0.5, "tie_break": 0.2}])
+    assert best["strategy"] == "b"
+    with pytest.raises(RegistryError):
+        pick_best([])
+
+
+@pytest.fixture(scope="module")
+def lifecycle(tmp_path_factory):
+    """One tracking store shared by the scenario tests below (creating a sqlite store costs ~3 s)."""
+    from medvlm.registry import register
+
+    root = tmp_path_factory.mktemp("registry")
+    cfg = make_cfg(root)
+    write_candidate(cfg, "freeze", 0.30, 0.10, bias=0.0)
+    write_candidate(cfg, "lora", 0.50, 0.20, bias=0.1)
+    first = register(cfg, predictor_factory=FACTORY)
+    return root, cfg, first
+
+
+def test_first_registration_becomes_champion_with_card(lifecycle):
+    from mlflow import MlflowClient
+
+    root, cfg, first = lifecycle
+    assert first["registered"]["strategy"] == "lora" and first["decision"]["promoted"]
+    assert first["champion"]["version"] == first["challenger"] == "1"
+    saved = json.loads((Path(cfg.evaluate.out_dir) / "registry.json").read_text())
+    assert saved["champion"]["version"] == "1"
+    client = MlflowClient(cfg.register.tracking_uri)
+    version = client.get_model_version("medvlm", "1")
+    assert "testhash" in version.description and "CIDEr" in version.description
+    assert version.tags["metric.CIDEr"] == "0.5" and version.tags["data_hash"] == "testhash"
+    model_dir = resolve_model("champion", cfg)
+    assert json.loads((model_dir / "model_config.json").read_text())["bias"] == 0.1
+    card = model_dir.parent / "model_card.md"  # the card travels inside the registered model
+    assert "Limits" in card.read_text() and "testhash" in card.read_text()
+
+
+def test_pyfunc_predict_on_fake(lifecycle, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    root, cfg, _ = lifecycle
+    model = mlflow.pyfunc.load_model("models:/medvlm@champion")
+    png = write_png(tmp_path / "a.png", value=200)
+    out = model.predict(pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
+    assert list(out.columns) == ["report", "prob_pneumonia", "prob_nodule"]
+    assert "consolidation" in out.loc[0, "report"] and out.loc[0, "prob_nodule"] > 0.8
+    sig = model.metadata.signature
+    assert sig.inputs.input_names() == ["image"]
+
+
+def test_worse_is_not_promoted_better_is_and_repeats_change_nothing(lifecycle):
+    from medvlm.registry import promote, register
+
+    root, cfg, _ = lifecycle
+    write_candidate(cfg, "lora", 0.40, 0.20, bias=0.2)  # new weights, worse score
+    worse = register(cfg, predictor_factory=FACTORY)
+    assert worse["challenger"] == "2" and not worse["decision"]["promoted"]
+    assert worse["champion"]["version"] == "1" and "does not beat" in worse["decision"]["reason"]
+
+    write_candidate(cfg, "lora", 0.70, 0.20, bias=0.3)  # better
+    better = register(cfg, predictor_factory=FACTORY)
+    assert better["decision"]["promoted"] and better["champion"]["version"] == "3"
+
+    again = register(cfg, predictor_factory=FACTORY)  # same weights, same test set: no new version
+    assert again["registered"]["reused_existing_version"] and again["registered"]["version"] == "3"
+    assert again["champion"]["version"] == "3"
+    same = promote(cfg, "3")
+    assert same["decision"]["changed"] is False and same["champion"]["version"] == "3"
+    with pytest.raises(RegistryError):
+        promote(cfg, "99")
+
+
+def test_racing_gated_promotions_leave_the_best_champion(lifecycle):
+    """Versions 2 (0.40) and 3 (0.70) race against champion 1 (0.50): whatever the order, 3 must win."""
+    from medvlm.registry import champion_version, promote
+
+    root, cfg, _ = lifecycle
+    promote(cfg, "1")  # by hand: reset the champion
+    errors = []
+
+    def run(version):
+        try:
+            promote(cfg, version, gate=True)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in ("3", "2", "3", "2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and champion_version(cfg) == "3"
+
+    # and two OS processes promoting by hand: exactly one wins, the store stays consistent
+    promote(cfg, "1")
+    code = (
+        "import sys; sys.path.insert(0, %r); from test_registry import make_cfg; from medvlm.registry import promote;"
+        "from pathlib import Path; promote(make_cfg(Path(%r)), sys.argv[1])"
+    ) % (str(TESTS), str(root))
+    procs = [subprocess.Popen([sys.executable, "-c", code, v]) for v in ("2", "3")]
+    assert all(p.wait(timeout=90) == 0 for p in procs)
+    assert champion_version(cfg) in {"2", "3"}
+
+
+def test_resolve_model_specs(lifecycle, tmp_path):
+    root, cfg, _ = lifecycle
+    local = make_model_dir(tmp_path / "local")
+    assert resolve_model(str(local), cfg) == local
+    by_version = resolve_model("1", cfg)
+    assert json.loads((by_version / "model_config.json").read_text())["bias"] == 0.1
+    assert resolve_model("models:/medvlm/1", cfg) == by_version  # cached download reused
+    with pytest.raises(RegistryError, match="not in the registry"):
+        resolve_model("nosuchalias", cfg)
+    with pytest.raises(ModelError):
+        resolve_model(str(tmp_path), cfg)  # a folder without model_config.json
+
+
+def test_missing_or_unreachable_store_is_one_line_error(tmp_path):
+    from medvlm.registry import register
+
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(RegistryError, match="no tracking store"):
+        resolve_model("champion", cfg)
+    write_candidate(cfg, "freeze", 0.3, 0.1, bias=0.0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    down = make_cfg(tmp_path, tracking_uri=f"http://127.0.0.1:{port}")
+    with pytest.raises(RegistryError, match="unreachable") as err:
+        register(down, predictor_factory=FACTORY)
+    assert "\n" not in str(err.value)
+    missing_dir = make_cfg(tmp_path, tracking_uri=f"sqlite:///{tmp_path / 'no' / 'where.db'}")
+    with pytest.raises(RegistryError, match="does not exist"):
+        register(missing_dir, predictor_factory=FACTORY)
+    assert not (Path(cfg.evaluate.out_dir) / "registry.json").exists()
