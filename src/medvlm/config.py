@@ -195,7 +195,7 @@ class RegisterConfig(_Section):
     promotion_margin: float = Field(0.0, ge=0)
     tracking_uri: str = "sqlite:///mlruns.db"
     lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion before failing
-    cache_dir: str = "models/.registry"  # where registered versions are downloaded for --model / serving
+    cache_dir: str = ".cache/registry"  # where registered versions are downloaded for --model / serving
 
 
 class MonitorConfig(_Section):
