@@ -92,6 +92,9 @@ class ModelConfig(_Section):
     system_prompt: str = "You are a radiologist."  # short: the LM's default system prompt costs ~20 tokens per step
     prompts: list[str] = Field(default_factory=lambda: ["Describe the findings of this chest CT."])
     max_report_tokens: int = Field(96, ge=4)
+    # Closed report vocabulary (R2Gen-style): the LM head scores only tokens that occur in training reports.
+    # The 49k-token head is most of a CPU step and of every decoding step; the price: no unseen words.
+    closed_vocab: bool = False
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":
@@ -106,6 +109,7 @@ class ModelConfig(_Section):
 
 class FreezeConfig(_Section):
     trainable_lm_layers: list[int] = Field(default_factory=lambda: [-1])
+    lm_lr: float | None = Field(None, gt=0)  # learning rate of this strategy's LM-side parameters; None = train.lm_lr
 
 
 class LoraConfig(_Section):
@@ -113,10 +117,13 @@ class LoraConfig(_Section):
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    lm_lr: float | None = Field(None, gt=0)
 
 
 class PTuningConfig(_Section):
     num_virtual_tokens: int = Field(16, ge=1)
+    lm_lr: float | None = Field(None, gt=0)  # prefixes usually want a larger rate than weights (P-Tuning v2: 5e-3..1e-2)
+    prefix_projection: bool = False  # reparameterise the prefixes through a 2-layer MLP (P-Tuning v2's option)
 
 
 Strategy = Literal["freeze", "lora", "ptuning_v2"]

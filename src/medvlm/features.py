@@ -1,0 +1,125 @@
+"""Features stage: run the frozen vision trunk once over the split and cache its outputs.
+
+Training then runs only the tunable tail + DEM + Q-Former + LM on these cached tensors: on 2 CPU cores a step with
+the whole encoder in the loop costs ~12 s at batch 2 (STACK.md), with cached trunk features a fraction of a second.
+
+Outputs (order = split file order):
+  <features.out_dir>/{train,test}.safetensors   tensor "features" (N, *trunk shape); metadata = what made them
+  <features.out_dir>/{train,test}.json          study ids + the same metadata, for people and other stages
+Studies with several images (views) get the mean of their views' trunk features.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from medvlm.config import Config
+from medvlm.errors import ConfigError, DataError
+from medvlm.manifest import read_manifest
+from medvlm.model.vision import VisionEncoder, build_vision
+
+SPLITS = ("train", "test")
+
+
+def feature_signature(cfg: Config) -> dict[str, str]:
+    """What the cached tensors depend on; training refuses features made with another signature."""
+    return {
+        "vision": cfg.model.vision,
+        "tune_vision_blocks": str(cfg.model.tune_vision_blocks),
+        "image_size": str(cfg.features.image_size),
+    }
+
+
+@torch.no_grad()
+def trunk_features(vision: VisionEncoder, images: list[Image.Image], batch_size: int) -> torch.Tensor:
+    """PIL images -> frozen trunk outputs (N, *trunk shape), float32 on CPU."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        out.append(vision.trunk_features(vision.preprocess(images[start : start + batch_size])).float().cpu())
+    return torch.cat(out)
+
+
+def _load_study_images(row, root: Path, max_pixels: int) -> list[Image.Image]:
+    from medvlm.data.images import load_image
+
+    paths = row["images"] if isinstance(row["images"], list) else [row["images"]]
+    if not paths:
+        raise DataError(f"study {row['study_id']}: no images")
+    return [load_image(root / p, max_pixels=max_pixels) for p in paths]
+
+
+def extract_features(cfg: Config) -> dict:
+    """Cache trunk features of data/split/{train,test}.jsonl under cfg.features.out_dir."""
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    vision = build_vision(cfg).eval()
+    root, out_dir = Path(cfg.data.root), Path(cfg.features.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    signature = feature_signature(cfg)
+    summary: dict = {"signature": signature}
+    for split in SPLITS:
+        rows = read_manifest(Path(cfg.split.out_dir) / f"{split}.jsonl")
+        if rows.empty:
+            raise DataError(f"{Path(cfg.split.out_dir) / f'{split}.jsonl'}: no rows (run the split stage)")
+        feats = []
+        for start in range(0, len(rows), cfg.features.batch_size):
+            chunk = rows.iloc[start : start + cfg.features.batch_size]
+            views = [_load_study_images(row, root, cfg.validation.max_image_pixels) for _, row in chunk.iterrows()]
+            flat = trunk_features(vision, [img for study in views for img in study], cfg.features.batch_size)
+            i = 0
+            for study in views:  # mean over a study's views
+                feats.append(flat[i : i + len(study)].mean(0))
+                i += len(study)
+        tensor = torch.stack(feats).contiguous()
+        ids = [str(s) for s in rows["study_id"]]
+        save_file({"features": tensor}, out_dir / f"{split}.safetensors",
+                  metadata={**signature, "study_ids": json.dumps(ids)})
+        (out_dir / f"{split}.json").write_text(json.dumps({**signature, "study_ids": ids}, indent=1))
+        summary[split] = {"n": len(ids), "shape": list(tensor.shape[1:])}
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return summary
+
+
+def load_features(cfg: Config, split: str) -> tuple[torch.Tensor, list[str]]:
+    """Cached trunk features of a split and their study ids; one-line errors when absent or stale."""
+    path = Path(cfg.features.out_dir) / f"{split}.safetensors"
+    if not path.is_file():
+        raise DataError(f"{path}: cached features not found (run `medvlm features` / `dvc repro features`)")
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensor = fh.get_tensor("features")
+    expected = feature_signature(cfg)
+    stale = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if stale:
+        raise ConfigError(f"{path}: features were made with other settings {stale} (re-run `medvlm features`)")
+    return tensor, json.loads(meta["study_ids"])
+
+
+@torch.no_grad()
+def embed_images(images: list[Image.Image], cfg: Config, vision: VisionEncoder | None = None) -> np.ndarray:
+    """Pretrained visual embeddings (N, width): trunk + tail, mean-pooled over tokens, L2-normalised.
+
+    Used where a fixed, training-independent image representation is wanted (retrieval baseline, drift monitor).
+    """
+    vision = vision if vision is not None else build_vision(cfg).eval()
+    feats = trunk_features(vision, images, cfg.features.batch_size)
+    pooled = []
+    for start in range(0, len(feats), cfg.features.batch_size):
+        pooled.append(vision(feats[start : start + cfg.features.batch_size].to(vision.mean.device)).mean(1).float().cpu())
+    emb = torch.cat(pooled) if pooled else torch.zeros(0, vision.width)
+    return torch.nn.functional.normalize(emb, dim=-1).numpy()
+
+
+def embed_features(trunk: torch.Tensor, vision: VisionEncoder, batch_size: int = 64) -> np.ndarray:
+    """Same embedding as `embed_images`, from cached trunk features (no image decoding)."""
+    with torch.no_grad():
+        pooled = [vision(trunk[s : s + batch_size]).mean(1) for s in range(0, len(trunk), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(pooled), dim=-1).numpy()

@@ -1,0 +1,81 @@
+"""Predictor: a trained MedVLM rebuilt from its model folder, for single images or cached features.
+
+A model folder (models/<strategy>/) holds only what training changed (trainable.safetensors) and the config
+snapshot (model_config.json); the pretrained parts (vision encoder, LM) come from their packages / the LM cache,
+so loading is a few seconds on CPU once the LM cache exists.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from medvlm.config import Config, config_from_dict
+from medvlm.errors import ModelError
+from medvlm.features import trunk_features
+from medvlm.generation import generate_reports
+from medvlm.model.medvlm import MedVLM
+
+
+class Predictor:
+    def __init__(self, model: MedVLM, cfg: Config, meta: dict):
+        self.model, self.cfg, self.meta = model.eval(), cfg, meta
+        self.label_names = list(meta["label_names"])
+        self.strategy = meta["strategy"]
+
+    @classmethod
+    def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None) -> "Predictor":
+        """Rebuild from <model_dir>/{model_config.json, trainable.safetensors}.
+
+        The architecture always comes from the snapshot; `cfg` (when given) supplies the decoding settings
+        (cfg.generate) and feature batch size, so evaluation can vary beams without retraining.
+        """
+        model_dir = Path(model_dir)
+        if model_dir.as_posix().startswith(("runs:/", "models:/")):
+            raise ModelError(f"{model_dir}: MLflow URIs are resolved by medvlm.registry; pass a local folder here")
+        config_file, weights = model_dir / "model_config.json", model_dir / "trainable.safetensors"
+        for path in (config_file, weights):
+            if not path.is_file():
+                raise ModelError(f"{path}: not found (train the model first: `medvlm train --strategy ...`)")
+        started = time.perf_counter()
+        meta = json.loads(config_file.read_text())
+        trained = config_from_dict(meta["config"])
+        if cfg is not None:
+            trained = trained.model_copy(update={"generate": cfg.generate, "features": trained.features.model_copy(
+                update={"batch_size": cfg.features.batch_size})})
+        torch.manual_seed(trained.seed)  # untrained buffers/params are overwritten; seed keeps init cheap and fixed
+        model = MedVLM(trained, meta["strategy"])
+        model.load_trainable_state_dict(load_file(weights))
+        model.set_output_vocab(meta.get("output_vocab"))
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        meta["load_seconds"] = round(time.perf_counter() - started, 2)
+        return cls(model, trained, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _rows(self, reports: list[str], probs: torch.Tensor | None) -> list[dict]:
+        out = []
+        for i, report in enumerate(reports):
+            p = {name: float(probs[i, k]) for k, name in enumerate(self.label_names)} if probs is not None else {}
+            out.append({"report": report, "probabilities": p})
+        return out
+
+    def predict_features(self, features: torch.Tensor, batch_size: int | None = None) -> list[dict]:
+        """Reports for cached trunk features (N, *trunk shape) from the features stage."""
+        reports, probs = generate_reports(self.model, features.to(self.device), self.cfg.generate, batch_size)
+        return self._rows(reports, probs)
+
+    def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
+        """Reports for raw images: [{"report": str, "probabilities": {label: p}}] (empty dict with the DEM off)."""
+        if not images:
+            return []
+        feats = trunk_features(self.model.vision, list(images), batch_size or self.cfg.features.batch_size)
+        return self.predict_features(feats, batch_size)

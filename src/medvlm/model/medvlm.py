@@ -1,0 +1,192 @@
+"""MedVLM assembled: vision tail -> discrimination module -> Q-Former -> causal LM (+ strategy).
+
+Input layout of one sample (prompt template on; the LM's chat template renders the turns):
+    [pre: system + user-turn start] [Q query embeddings] [post: prompt text + assistant-turn start] [report] [eos]
+Template off: [Q queries] [bos] [report] [eos]. The loss covers only the report and its end token, and the LM
+head (49k-vocab, a large share of the CPU cost) is applied only at those positions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlm.config import Config
+from medvlm.errors import ConfigError, ModelError
+from medvlm.model.discrimination import DiscriminationModule, discrimination_loss
+from medvlm.model.lm import load_lm
+from medvlm.model.qformer import QFormerBridge
+from medvlm.model.strategies import apply_strategy, check_strategy
+from medvlm.model.vision import VisionEncoder, build_vision
+
+_QUERY_MARK = "\x00QUERIES\x00"
+
+
+class PromptLayout:
+    """Token ids around the query slot, one (pre, post) pair per configured prompt; pre is shared by all."""
+
+    def __init__(self, tokenizer, cfg: Config):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.max_report_tokens = cfg.model.max_report_tokens
+        if not cfg.model.prompt_template:
+            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
+            self.pre, self.posts = [], [[bos]]
+            return
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"model.prompt_template is on but the tokenizer of {cfg.model.lm!r} has no chat template")
+        pres, self.posts = [], []
+        for prompt in cfg.model.prompts:
+            messages = [{"role": "system", "content": cfg.model.system_prompt}] if cfg.model.system_prompt else []
+            messages.append({"role": "user", "content": _QUERY_MARK + prompt})
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            before, after = text.split(_QUERY_MARK)
+            pres.append(tokenizer(before, add_special_tokens=False)["input_ids"])
+            self.posts.append(tokenizer(after, add_special_tokens=False)["input_ids"])
+        self.pre = pres[0]
+
+    def encode_report(self, report: str) -> list[int]:
+        ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens - 1]
+        return ids + [self.eos]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class MedVLM(nn.Module):
+    def __init__(self, cfg: Config, strategy: str, vision: VisionEncoder | None = None, lm=None, tokenizer=None):
+        super().__init__()
+        check_strategy(cfg, strategy)
+        self.cfg, self.strategy = cfg, strategy
+        self.vision = vision if vision is not None else build_vision(cfg)
+        if lm is None:
+            lm, tokenizer = load_lm(cfg.model)
+        self.lm, self.tokenizer = lm, tokenizer
+        self.layout = PromptLayout(tokenizer, cfg)
+        self.n_labels = len(cfg.data.label_names)
+        width = self.vision.width
+        self.dem = (DiscriminationModule(width, self.n_labels, cfg.model.label_embed_dim)
+                    if cfg.model.discrimination else None)
+        self.bridge = QFormerBridge(cfg.model, width, lm.get_input_embeddings().embedding_dim)
+        self.prefix = None
+        self.output_vocab: list[int] | None = None
+        self.vocab_ids = self.vocab_lookup = None
+        apply_strategy(self, cfg, strategy)
+        self.vision.trunk.requires_grad_(False)
+        self.vision.tail.requires_grad_(cfg.model.tune_vision_blocks > 0)
+
+    # ---- pieces shared by training and generation -------------------------------------------------------------
+    def visual_queries(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached trunk features -> (query embeddings (B, Q, D_lm), label logits (B, K) or None)."""
+        tokens = self.vision(trunk_features)
+        logits = None
+        if self.dem is not None:
+            tokens, logits = self.dem(tokens)
+        return self.bridge(tokens), logits
+
+    def prefix_cache(self, batch_size: int, dtype: torch.dtype):
+        return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
+
+    def prefix_length(self) -> int:
+        return self.prefix.length if self.prefix is not None else 0
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.get_input_embeddings()(ids)
+
+    def run_decoder(self, embeds, attention_mask, position_ids, cache):
+        """LM decoder only (no vocabulary head): (B, L, D) hidden states; `cache` is updated in place."""
+        out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                    past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def set_output_vocab(self, token_ids: list[int] | None) -> None:
+        """Restrict the LM head to these token ids (closed vocabulary); None = the LM's full vocabulary."""
+        self.output_vocab = sorted(set(token_ids) | {self.layout.eos}) if token_ids is not None else None
+        if self.output_vocab is None:
+            self.vocab_ids = self.vocab_lookup = None
+            return
+        device = self.lm.get_input_embeddings().weight.device
+        self.vocab_ids = torch.tensor(self.output_vocab, dtype=torch.long, device=device)
+        lookup = torch.full((self.lm.get_input_embeddings().num_embeddings,), -100, dtype=torch.long, device=device)
+        lookup[self.vocab_ids] = torch.arange(len(self.output_vocab), device=device)
+        self.vocab_lookup = lookup
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the output vocabulary (index i = token self.output_token(i))."""
+        head = self.lm.get_output_embeddings()
+        if self.vocab_ids is None:
+            return head(hidden)
+        ids = self.vocab_ids.to(head.weight.device)
+        weight = head.weight[ids]
+        bias = head.bias[ids] if getattr(head, "bias", None) is not None else None
+        return F.linear(hidden, weight, bias)
+
+    def output_token(self, index: torch.Tensor) -> torch.Tensor:
+        return index if self.vocab_ids is None else self.vocab_ids.to(index.device)[index]
+
+    def output_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return token_ids if self.vocab_lookup is None else self.vocab_lookup.to(token_ids.device)[token_ids]
+
+    # ---- training forward --------------------------------------------------------------------------------------
+    def forward(self, trunk_features: torch.Tensor, reports: list[list[int]], labels: torch.Tensor | None = None,
+                prompt_index: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1."""
+        queries, logits = self.visual_queries(trunk_features)
+        batch, n_query, _ = queries.shape
+        device = queries.device
+        pre = self.layout.pre
+        prompt_index = prompt_index or [0] * batch
+        # Per-sample token ids after the query slot: prompt tail, then the report (right padded).
+        tails = [self.layout.posts[p] + r for p, r in zip(prompt_index, reports)]
+        length = len(pre) + n_query + max(len(t) for t in tails)
+        ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)
+        mask = torch.zeros((batch, length), dtype=torch.long)
+        targets = torch.full((batch, length), -100, dtype=torch.long)
+        start = len(pre) + n_query
+        for i, (p, report) in enumerate(zip(prompt_index, reports)):
+            ids[i, : len(pre)] = torch.tensor(pre, dtype=torch.long) if pre else ids[i, :0]
+            ids[i, start : start + len(tails[i])] = torch.tensor(tails[i])
+            mask[i, : start + len(tails[i])] = 1
+            report_start = start + len(self.layout.posts[p])
+            targets[i, report_start : report_start + len(report)] = torch.tensor(report)
+        ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
+        embeds = self.embed_ids(ids)
+        embeds = torch.cat([embeds[:, : len(pre)], queries.to(embeds.dtype), embeds[:, start:]], dim=1)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = self.prefix_cache(batch, embeds.dtype)
+        full_mask = mask
+        if cache is not None:
+            full_mask = torch.cat([mask.new_ones(batch, self.prefix_length()), mask], dim=1)
+        hidden = self.run_decoder(embeds, full_mask, position_ids, cache)
+        # Next-token prediction: hidden state t predicts token t+1; the head runs only where a target exists.
+        shifted = targets[:, 1:]
+        where = shifted != -100
+        token_logits = self.lm_head(hidden[:, :-1][where])
+        lm_loss = F.cross_entropy(token_logits.float(), self.output_index(shifted[where]))
+        out = {"lm_loss": lm_loss, "tokens": where.sum()}
+        loss = lm_loss
+        if logits is not None:
+            out["disc_logits"] = logits
+            if labels is not None:
+                disc = discrimination_loss(logits, labels.to(device))
+                out["disc_loss"] = disc
+                loss = loss + self.cfg.model.disc_loss_weight * disc
+        out["loss"] = loss
+        return out
+
+    # ---- trainable weights -------------------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ModelError(f"trainable weights do not fit the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]}): was it trained with another config/strategy?")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value.to(params[name].dtype))

@@ -1,0 +1,75 @@
+"""Small MLflow helper shared by training and the model lifecycle (registry).
+
+`mlflow_run(cfg, run_name, tags)` opens a run in experiment "medvlm" at cfg.register.tracking_uri (a local sqlite
+file by default). A tracking_uri of "" or "none" turns tracking off: the context then yields None, so callers write
+`if run: ...` / use `log_metrics(run, ...)`, which are no-ops without a run (unit tests, quick experiments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from medvlm.config import Config
+from medvlm.errors import RegistryError
+
+EXPERIMENT = "medvlm"
+
+
+def tracking_enabled(cfg: Config) -> bool:
+    return cfg.register.tracking_uri.strip().lower() not in ("", "none", "off")
+
+
+@contextlib.contextmanager
+def mlflow_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    if not tracking_enabled(cfg):
+        yield None
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.register.tracking_uri)
+    try:
+        mlflow.set_experiment(EXPERIMENT)
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegistryError(f"MLflow at {cfg.register.tracking_uri}: {str(exc).splitlines()[0]}") from None
+    with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
+        yield run
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"train.lora.r": 16, ...} (MLflow params are flat)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_params(run, params: dict[str, Any]) -> None:
+    if run is None:
+        return
+    import mlflow
+
+    # MLflow caps a param value at 6000 characters; lists of prompts stay well below.
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+
+
+def log_metrics(run, metrics: dict[str, float], step: int | None = None) -> None:
+    if run is None:
+        return
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifacts(run, paths: list[str], artifact_path: str | None = None) -> None:
+    if run is None:
+        return
+    import mlflow
+
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)

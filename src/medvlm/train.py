@@ -1,0 +1,261 @@
+"""The one training loop. A strategy (freeze | lora | ptuning_v2) only decides which parameters train.
+
+Data: cached trunk features (features stage) + tokenised reports + labels of data/split/train.jsonl.
+Optimiser: AdamW with two groups (new modules cfg.train.lr, LM-side parameters cfg.train.lm_lr), linear warmup then
+cosine decay, gradient clipping and accumulation. Accelerate places the model (CPU: fp32; GPU: bf16 autocast and
+gradient checkpointing); multi-GPU: `accelerate launch -m medvlm.cli train --strategy lora`.
+
+Reproducibility: the seed fixes initialisation, the epoch's data order (a generator seeded by seed + epoch) and the
+dropout RNG. Every cfg.train.checkpoint_every steps trainable weights, optimiser, scheduler, RNG state, step and the
+log so far go to <checkpoint_dir>/<strategy>/checkpoint.pt; a re-run after a kill resumes there and ends bit-for-bit
+where an uninterrupted run ends. Only trainable weights are written as the model:
+<out_dir>/<strategy>/{trainable.safetensors, model_config.json, train_log.csv}.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from medvlm import __version__
+from medvlm.config import Config
+from medvlm.errors import DataError
+from medvlm.features import feature_signature, load_features
+from medvlm.manifest import read_manifest
+from medvlm.model.medvlm import MedVLM
+from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
+from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
+
+LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainData:
+    features: torch.Tensor  # (N, *trunk shape)
+    reports: list[list[int]]  # token ids ending with eos
+    labels: torch.Tensor  # (N, K) float 0/1
+    study_ids: list[str]
+
+
+def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=None) -> TrainData:
+    split_file = Path(cfg.split.out_dir) / f"{split}.jsonl"
+    rows = read_manifest(split_file)
+    features, ids = cached if cached is not None else load_features(cfg, split)
+    if list(rows["study_id"].astype(str)) != ids:
+        raise DataError(f"{split_file}: rows differ from the cached features' study ids (re-run `medvlm features`)")
+    labels = []
+    for lineno, row_labels in enumerate(rows["labels"], start=1):
+        missing = [n for n in cfg.data.label_names if not isinstance(row_labels, dict) or n not in row_labels]
+        if missing:
+            raise DataError(f"{split_file}:{lineno}: labels lack {missing}")
+        labels.append([float(row_labels[n]) for n in cfg.data.label_names])
+    reports = [model.layout.encode_report(str(r)) for r in rows["report"]]
+    return TrainData(features, reports, torch.tensor(labels), ids)
+
+
+def run_signature(cfg: Config, strategy: str) -> str:
+    """Everything that changes the result of a run; a checkpoint of another signature is not resumed."""
+    train = cfg.train.model_dump(exclude={"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies"})
+    blob = json.dumps([strategy, cfg.seed, cfg.model.model_dump(), train, cfg.data.label_names,
+                       feature_signature(cfg)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: MedVLM, cfg: Config) -> torch.optim.Optimizer:
+    strategy_lr = getattr(cfg.train, model.strategy).lm_lr
+    lm_names = lm_adapter_parameter_names(model)
+    groups: dict[str, list] = {"new": [], "new_no_decay": [], "lm": [], "lm_no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "lm" if name in lm_names else "new"
+        groups[kind + ("" if p.ndim >= 2 else "_no_decay")].append(p)  # no decay on biases / norms
+    lr, lm_lr, wd = cfg.train.lr, strategy_lr or cfg.train.lm_lr, cfg.train.weight_decay
+    spec = [("new", lr, wd), ("new_no_decay", lr, 0.0), ("lm", lm_lr, wd), ("lm_no_decay", lm_lr, 0.0)]
+    return torch.optim.AdamW([{"params": groups[k], "lr": r, "weight_decay": d} for k, r, d in spec if groups[k]])
+
+
+def epoch_order(cfg: Config, n: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample order, prompt index per sample) of an epoch: a pure function of (seed, epoch), so resumable."""
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen), torch.randint(len(cfg.model.prompts), (n,), generator=gen)
+
+
+def schedule(cfg: Config, n: int, world: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    per_epoch = math.ceil(n / per_step)
+    total = per_epoch * cfg.train.epochs
+    return per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+
+
+def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | None = None) -> dict:
+    """Train `strategy`; returns a summary. `stop_after` ends the process early as a kill would (tests)."""
+    from accelerate import Accelerator
+
+    check_strategy(cfg, strategy)  # before any loading: a bad name costs nothing
+    started = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    cached = load_features(cfg, "train")  # missing / stale features fail before the LM is loaded
+    torch.manual_seed(cfg.seed)
+    model = MedVLM(cfg, strategy)
+    data = load_train_data(cfg, model, cached=cached)
+    if cfg.model.closed_vocab:
+        model.set_output_vocab([t for report in data.reports for t in report])
+    if cuda:
+        model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(model, cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch, total = schedule(cfg, len(data.reports), world)
+    warmup = max(1, round(cfg.train.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: MedVLM = accelerator.unwrap_model(model)
+
+    ckpt_dir = Path(cfg.train.checkpoint_dir) / strategy
+    signature = run_signature(cfg, strategy)
+    step, log_rows, resumed_from = 0, [], None
+    ckpt_path = ckpt_dir / CHECKPOINT
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["signature"] == signature:
+            core.load_trainable_state_dict(state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"])
+            step, log_rows, resumed_from = state["step"], state["log"], state["step"]
+            accelerator.print(f"resuming {strategy} from {ckpt_path} at step {step}/{total}")
+        else:
+            accelerator.print(f"{ckpt_path}: made with other settings, starting {strategy} afresh")
+
+    n_trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    micro = cfg.train.batch_size
+    window_samples, window_start, seen_tokens = 0, time.perf_counter(), 0
+    model.train()
+    with mlflow_run(cfg, run_name=f"train-{strategy}", tags={"stage": "train", "strategy": strategy}) as run:
+        log_params(run, {"strategy": strategy, "trainable_params": n_trainable, "total_steps": total,
+                         **flatten(cfg.model.model_dump(), "model."), **flatten(cfg.train.model_dump(), "train.")})
+        with _progress(accelerator, total, step, strategy) as (progress, task):
+            while step < total:
+                epoch, in_epoch = divmod(step, per_epoch)
+                order, prompts = epoch_order(cfg, len(data.reports), epoch)
+                sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
+                for k in range(cfg.train.grad_accum):
+                    first = (in_epoch * cfg.train.grad_accum + k) * micro * world
+                    idx = order[first : first + micro * world][rank::world]
+                    if len(idx) == 0:
+                        continue
+                    with accelerator.autocast():
+                        out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
+                                    data.labels[idx], [int(prompts[i]) for i in idx])
+                    accelerator.backward(out["loss"] / cfg.train.grad_accum)
+                    for key in sums:
+                        if key in out:
+                            sums[key] += float(out[key].detach()) / cfg.train.grad_accum
+                    window_samples += len(idx) * world
+                    seen_tokens += int(out["tokens"])
+                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - window_start
+                rate = window_samples / max(elapsed, 1e-9)
+                progress.update(task, advance=1, loss=sums["loss"], rate=rate)
+                if step % cfg.train.log_every == 0 or step == total:
+                    row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in sums.items()},
+                           "lr": lr, "samples_per_s": round(rate, 3)}
+                    log_rows.append(row)
+                    log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")}, step)
+                    if not progress.console.is_terminal:  # DVC / CI logs: a line per log step instead of a bar
+                        accelerator.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
+                                          f"lr {lr:.2e} {rate:.2f} samples/s", flush=True)
+                    window_samples, window_start = 0, time.perf_counter()
+                if step % cfg.train.checkpoint_every == 0 or step == total:
+                    if accelerator.is_main_process:
+                        _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature)
+                if stop_after is not None and step >= stop_after and step < total:
+                    return {"strategy": strategy, "steps": step, "stopped_early": True}
+        out_dir = Path(cfg.train.out_dir) / strategy
+        summary = {
+            "strategy": strategy, "steps": step, "total_steps": total, "trainable_params": n_trainable,
+            "seconds": round(time.perf_counter() - started, 2), "resumed_from": resumed_from,
+            "final_loss": log_rows[-1]["loss"] if log_rows else None, "train_samples": len(data.reports),
+            "out_dir": str(out_dir), "run_id": run.info.run_id if run is not None else None,
+        }
+        if accelerator.is_main_process:
+            paths = save_trained(core, cfg, strategy, out_dir, log_rows, summary)
+            log_artifacts(run, [paths["config"], paths["log"]])
+            log_metrics(run, {"train_seconds": summary["seconds"]})
+    return summary
+
+
+def _save_checkpoint(path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list, signature: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "log": log_rows,
+             "signature": signature}
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a kill during the write keeps the previous checkpoint
+
+
+def save_trained(model: MedVLM, cfg: Config, strategy: str, out_dir: Path, log_rows: list, summary: dict) -> dict:
+    """Write only what training changed, plus what Predictor.load needs to rebuild the rest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / "trainable.safetensors"
+    save_file({k: v.float().cpu() for k, v in model.trainable_state_dict().items()}, weights,
+              metadata={"strategy": strategy, "medvlm": __version__})
+    config_path = out_dir / "model_config.json"
+    config_path.write_text(json.dumps({
+        "strategy": strategy, "label_names": cfg.data.label_names, "lm": cfg.model.lm, "vision": cfg.model.vision,
+        "output_vocab": model.output_vocab,
+        "medvlm_version": __version__, "train_summary": {k: v for k, v in summary.items() if k != "out_dir"},
+        "config": cfg.model_dump(mode="json", by_alias=True),
+    }, indent=2))
+    log_path = out_dir / "train_log.csv"
+    with log_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(log_rows)
+    return {"weights": weights, "config": config_path, "log": log_path}
+
+
+class _progress:
+    """Rich progress bar with loss and samples/s (quiet on non-main processes)."""
+
+    def __init__(self, accelerator, total: int, done: int, strategy: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"train {strategy}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.1f} samples/s"), TimeRemainingColumn(),
+            disable=not accelerator.is_main_process,
+        )
+        self.total, self.done = total, done
+
+    def __enter__(self):
+        self.progress.__enter__()
+        task = self.progress.add_task("train", total=self.total, completed=self.done, loss=float("nan"), rate=0.0)
+        return self.progress, task
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)

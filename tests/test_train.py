@@ -1,0 +1,168 @@
+"""The training loop: outputs, determinism, resume after a kill, Predictor round trip, early config errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from tiny_medvlm import REPORTS, TRUNK_SHAPE, tiny_config, write_cached_split
+
+from medvlm.errors import ConfigError, DataError
+from medvlm.inference import Predictor
+from medvlm.train import train
+
+
+def _with_train(path, **changes):
+    cfg = tiny_config(path)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=changes)})
+
+
+def _weights(cfg, strategy):
+    return load_file(f"{cfg.train.out_dir}/{strategy}/trainable.safetensors")
+
+
+@pytest.mark.parametrize("strategy", ["freeze", "lora", "ptuning_v2"])
+def test_train_writes_only_trainable_weights_and_a_log(tmp_path, strategy):
+    cfg = tiny_config(tmp_path)
+    write_cached_split(cfg)
+    summary = train(cfg, strategy)
+    assert summary["steps"] == summary["total_steps"] == 8  # 8 studies / batch 2 * 2 epochs
+    out = tmp_path / "models" / strategy
+    weights = _weights(cfg, strategy)
+    assert 0 < len(weights) and all(not k.startswith("vision.trunk.") for k in weights)
+    assert not any(k == "lm.model.embed_tokens.weight" for k in weights)
+    meta = json.loads((out / "model_config.json").read_text())
+    assert meta["strategy"] == strategy and meta["label_names"] == ["pneumonia", "effusion"]
+    rows = list(csv.DictReader((out / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert {"loss", "lm_loss", "disc_loss", "lr", "samples_per_s"} <= set(rows[0])
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    runs = []
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        cfg = tiny_config(tmp_path / name, seed=seed)
+        write_cached_split(cfg)
+        train(cfg, "lora")
+        runs.append(_weights(cfg, "lora"))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("strategy", ["lora", "ptuning_v2"])
+def test_resume_after_kill_ends_bit_identical(tmp_path, strategy):
+    """2 steps + kill + resume == 4 uninterrupted steps (dropout on, so the RNG state must be restored too)."""
+    changes = {"max_steps": 4, "checkpoint_every": 2, "grad_accum": 2, "batch_size": 1}
+    whole, killed = _with_train(tmp_path / "whole", **changes), _with_train(tmp_path / "killed", **changes)
+    write_cached_split(whole)
+    train(whole, strategy)
+    write_cached_split(killed)
+    assert train(killed, strategy, stop_after=3)["stopped_early"]  # step 3 is lost: last checkpoint is step 2
+    summary = train(killed, strategy)
+    assert summary["resumed_from"] == 2
+    a, b = _weights(whole, strategy), _weights(killed, strategy)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (tmp_path / "whole/models" / strategy / "train_log.csv").read_text()
+    log_b = (tmp_path / "killed/models" / strategy / "train_log.csv").read_text()
+    strip = lambda text: [line.rsplit(",", 1)[0] for line in text.splitlines()]  # samples/s is timing
+    assert strip(log_a) == strip(log_b)
+
+
+def test_changed_settings_do_not_resume_a_stale_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path)
+    write_cached_split(cfg)
+    train(cfg, "lora", stop_after=2)
+    other = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 5e-4})})
+    assert train(other, "lora")["resumed_from"] is None
+
+
+@pytest.mark.parametrize("strategy, closed", [("freeze", False), ("ptuning_v2", True)])
+def test_predictor_round_trip_gives_identical_outputs(tmp_path, strategy, closed):
+    cfg = tiny_config(tmp_path, model={"closed_vocab": closed})
+    write_cached_split(cfg)
+    train(cfg, strategy)
+    first = Predictor.load(tmp_path / "models" / strategy)
+    second = Predictor.load(tmp_path / "models" / strategy, cfg=cfg)
+    feats = torch.randn(3, *TRUNK_SHAPE).abs()
+    a, b = first.predict_features(feats), second.predict_features(feats)
+    assert a == b and len(a) == 3
+    assert set(a[0]["probabilities"]) == {"pneumonia", "effusion"}
+    trained = _weights(cfg, strategy)
+    loaded = first.model.trainable_state_dict()
+    assert all(torch.equal(trained[k], loaded[k]) for k in trained)
+    images = [Image.new("L", (80, 90), color=c) for c in (20, 200)]
+    out = first.predict(images)
+    assert len(out) == 2 and all(isinstance(o["report"], str) for o in out)
+    assert len(first.model.tokenizer(out[0]["report"])["input_ids"]) <= cfg.generate.max_new_tokens
+    vocab = json.loads((tmp_path / "models" / strategy / "model_config.json").read_text())["output_vocab"]
+    if closed:
+        from medvlm.generation import generate_ids
+
+        ids, _ = generate_ids(first.model, feats, first.cfg.generate)
+        assert all(set(x) <= set(vocab) for x in ids) and any(ids)
+        assert set(vocab) <= {t for r in REPORTS for t in first.model.layout.encode_report(r)}
+    else:
+        assert vocab is None
+
+
+def test_bad_strategy_fails_before_any_work(tmp_path):
+    cfg = tiny_config(tmp_path)  # no features written: a bad strategy must be reported first
+    with pytest.raises(ConfigError, match="unknown"):
+        train(cfg, "qlora")
+    with pytest.raises(DataError, match="features"):
+        train(cfg, "lora")
+
+
+def test_stale_features_are_refused(tmp_path):
+    cfg = tiny_config(tmp_path)
+    write_cached_split(cfg)
+    other = tiny_config(tmp_path, features={"image_size": 96})
+    with pytest.raises(ConfigError, match="other settings"):
+        train(other, "lora")
+
+
+def test_mlflow_run_logs_params_and_metrics(tmp_path):
+    pytest.importorskip("mlflow")
+    cfg = _with_train(tmp_path, max_steps=2)
+    cfg = cfg.model_copy(update={"register": cfg.register.model_copy(
+        update={"tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}"})})
+    write_cached_split(cfg)
+    train(cfg, "lora")
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.register.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["medvlm"])
+    assert len(runs) == 1 and runs.iloc[0]["params.strategy"] == "lora"
+    assert "metrics.loss" in runs.columns
+    meta = json.loads((tmp_path / "models" / "lora" / "model_config.json").read_text())
+    assert meta["train_summary"]["run_id"] == runs.iloc[0]["run_id"]
+
+
+@pytest.mark.slow
+def test_real_weights_smoke(tmp_path):
+    """SmolLM2 (4 layers) + EfficientNet-Lite0: a few real steps, then a report from a raw image."""
+    from medvlm.config import load_config
+    from conftest import REPO
+
+    base = load_config(REPO / "params.yaml")
+    raw = base.model_dump(by_alias=True)
+    raw["data"]["label_names"], raw["data"]["primary_label"] = ["pneumonia", "effusion"], "pneumonia"
+    raw["features"].update(image_size=64, out_dir=str(tmp_path / "features"))
+    raw["split"]["out_dir"] = str(tmp_path / "split")
+    raw["train"].update(max_steps=3, batch_size=2, out_dir=str(tmp_path / "models"),
+                        checkpoint_dir=str(tmp_path / "ckpt"))
+    raw["generate"].update(max_new_tokens=8, num_beams=2)
+    raw["register"]["tracking_uri"] = "none"
+    from medvlm.config import config_from_dict
+
+    cfg = config_from_dict(raw)
+    write_cached_split(cfg, n=4)
+    summary = train(cfg, "lora")
+    assert summary["steps"] == 3
+    predictor = Predictor.load(tmp_path / "models" / "lora")
+    out = predictor.predict([Image.new("L", (128, 128), 60)])
+    assert isinstance(out[0]["report"], str) and set(out[0]["probabilities"]) == {"pneumonia", "effusion"}
