@@ -43,10 +43,10 @@ run: install
 	@echo "results: reports/results.md   drift: reports/drift/   validation: reports/validation/"
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
-
-test-slow: install
 	$(BIN)/python -m pytest -q tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
 # Re-resolve requirements.in into requirements.lock in a scratch venv.
 lock:
