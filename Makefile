@@ -13,7 +13,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 TORCH_SOURCE := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 PREFECT_PORT ?= 4200
 
-.PHONY: help install run test test-fast lock bench serve-flows mlflow-ui clean
+.PHONY: help install run test test-fast lock ablation bench serve-flows mlflow-ui clean
 
 help:
 	@echo "make run    install into $(VENV) and run 'dvc repro' on the embedded phantom data (offline)"
@@ -56,6 +56,12 @@ lock:
 	  echo "# Regenerate: make lock"; \
 	  .lockenv/bin/uv pip freeze --python .lockenv/bin/python | grep -viE '^(pip|uv|setuptools)==' ) > requirements.lock
 	rm -rf .lockenv
+
+# Ablation grid as DVC experiments (each re-trains the strategies with one switch flipped; ~8 min each on CPU).
+ablation: install
+	dvc exp run -n no-discrimination -S model.discrimination=false
+	dvc exp run -n no-prompt -S model.prompt_template=false
+	dvc exp show --only-changed --md > reports/ablation.md
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py
