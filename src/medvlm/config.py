@@ -305,19 +305,19 @@ def load_config(
         overrides = pairs
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"{Path(path)}: {where}: {first['msg']}") from None
+    return _validated(raw, origin=str(Path(path)))
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config from a plain mapping (tests, flows); same validation as load_config."""
+    return _validated(raw, origin="config")
+
+
+def _validated(raw: dict[str, Any], origin: str) -> Config:
+    """Validate a settings tree; the first problem becomes one line naming the key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config: {where}: {first['msg']}") from None
+        raise ConfigError(f"{origin}: {where}: {first['msg']}") from None
