@@ -152,6 +152,18 @@ def report() -> None:
     _print_summary(build_report(_config()))
 
 
+@app.command("report-ablation")
+@user_errors
+def report_ablation(
+    variants: list[str] = typer.Argument(..., help="variant names under reports/ablation/"),
+    strategy: str = typer.Option("freeze", help="the strategy the variants re-train"),
+) -> None:
+    """Table of the full model vs its ablation variants -> reports/ablation.md."""
+    from medvlm.report import build_ablation_table
+
+    typer.echo(str(build_ablation_table(_config(), strategy, variants)))
+
+
 # ---------------------------------------------------------------- lifecycle
 @app.command()
 @user_errors

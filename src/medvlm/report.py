@@ -161,3 +161,31 @@ def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
     path = out / "examples.html"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+def build_ablation_table(cfg: Config, strategy: str, variants: list[str]) -> Path:
+    """reports/ablation.md: the full model vs each variant (reports/ablation/<variant>/metrics/<strategy>.json).
+
+    Variants are the same strategy re-trained with one switch flipped (see `make ablation`); the full model's row is
+    the main pipeline's evaluation, so every row is scored on the same test split (hashes are checked).
+    """
+    out = Path(cfg.evaluate.out_dir)
+    rows = {"full": out / "metrics" / f"{strategy}.json"}
+    rows.update({v: out / "ablation" / v / "metrics" / f"{strategy}.json" for v in variants})
+    results = {}
+    for label, path in rows.items():
+        if not path.is_file():
+            raise EvaluationError(f"{path}: missing (evaluate the {label!r} variant first)")
+        results[label] = json.loads(path.read_text(encoding="utf-8"))
+    hashes = {r.get("test_data_hash") for r in results.values()}
+    if len(hashes) > 1:
+        raise EvaluationError(f"ablation rows were scored on different test splits: {sorted(map(str, hashes))}")
+    columns = [m for m in TABLE_METRICS if m in results["full"]["metrics"]]
+    lines = [f"# Ablation of `{strategy}`", "",
+             f"Mean [{cfg.evaluate.confidence:.0%} bootstrap CI], test data hash `{hashes.pop()}`.", "",
+             "| variant | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, r in results.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(r["metrics"].get(m)) for m in columns) + " |")
+    path = out / "ablation.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
