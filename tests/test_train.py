@@ -166,3 +166,12 @@ def test_real_weights_smoke(tmp_path):
     predictor = Predictor.load(tmp_path / "models" / "lora")
     out = predictor.predict([Image.new("L", (128, 128), 60)])
     assert isinstance(out[0]["report"], str) and set(out[0]["probabilities"]) == {"pneumonia", "effusion"}
+
+
+def test_prompt_template_off_trains_with_several_prompts_listed(tmp_path):
+    """Regression: with the template off there is one input layout even when model.prompts lists several."""
+    cfg = tiny_config(tmp_path, model={"prompt_template": False})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prompts": ["a question", "another question"]})})
+    write_cached_split(cfg)
+    summary = train(cfg, "freeze")
+    assert summary["steps"] == summary["total_steps"]

@@ -94,7 +94,9 @@ def build_optimizer(model: MedVLM, cfg: Config) -> torch.optim.Optimizer:
 def epoch_order(cfg: Config, n: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sample order, prompt index per sample) of an epoch: a pure function of (seed, epoch), so resumable."""
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen), torch.randint(len(cfg.model.prompts), (n,), generator=gen)
+    # without the template there is one input layout, whatever model.prompts lists
+    n_prompts = len(cfg.model.prompts) if cfg.model.prompt_template else 1
+    return torch.randperm(n, generator=gen), torch.randint(n_prompts, (n,), generator=gen)
 
 
 def schedule(cfg: Config, n: int, world: int = 1) -> tuple[int, int]:
