@@ -57,13 +57,13 @@ lock:
 	  .lockenv/bin/uv pip freeze --python .lockenv/bin/python | grep -viE '^(pip|uv|setuptools)==' ) > requirements.lock
 	rm -rf .lockenv
 
-# Ablation: the best strategy re-trained with one switch flipped, each variant in its own models/ and reports/
+# Ablation: the best strategy re-trained with one switch flipped, each variant in its own runs/ and reports/
 # folders (params overrides only; the default pipeline's outputs are untouched). ~4 min per variant on 2 cores.
 ABLATION_STRATEGY ?= freeze
 ABLATIONS ?= no_discrimination:model.discrimination=false no_prompt:model.prompt_template=false
 ablation: install
 	for v in $(ABLATIONS); do name=$${v%%:*}; set=$${v#*:}; \
-	  opts="-S $$set -S train.out_dir=models/ablation/$$name -S train.checkpoint_dir=checkpoints/ablation/$$name -S evaluate.out_dir=reports/ablation/$$name"; \
+	  opts="-S $$set -S train.out_dir=runs/ablation/$$name/models -S train.checkpoint_dir=runs/ablation/$$name/checkpoints -S evaluate.out_dir=reports/ablation/$$name"; \
 	  medvlm $$opts train --strategy $(ABLATION_STRATEGY) >/dev/null && medvlm $$opts evaluate $(ABLATION_STRATEGY) >/dev/null || exit 1; \
 	done
 	medvlm report-ablation --strategy $(ABLATION_STRATEGY) $(foreach v,$(ABLATIONS),$(firstword $(subst :, ,$(v))))
