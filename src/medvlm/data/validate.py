@@ -13,7 +13,6 @@ both rows, so all rows of such an image are quarantined. A repeated study id qua
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -217,7 +216,6 @@ def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
 
 def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
     """Run the suite with a Great Expectations checkpoint; return per-expectation results and row -> reasons."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx  # imported here: ~5 s, only this stage needs it
     from great_expectations.data_context.types.base import (
         DataContextConfig,
