@@ -21,6 +21,8 @@ from medvlm.errors import MedVLMError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MedVLM radiology report generation + MLOps.")
 data_app = typer.Typer(no_args_is_help=True, help="Data: synthesize, validate, split, fetch.")
 app.add_typer(data_app, name="data")
+experiment_app = typer.Typer(no_args_is_help=True, help="Grids of training runs: strategy x ablation x seed.")
+app.add_typer(experiment_app, name="experiment")
 
 console = Console(stderr=True)
 _state: dict = {"params": "params.yaml", "overlays": [], "overrides": []}
@@ -162,6 +164,29 @@ def report_ablation(
     from medvlm.report import build_ablation_table
 
     typer.echo(str(build_ablation_table(_config(), strategy, variants)))
+
+
+# ---------------------------------------------------------------- experiments
+@experiment_app.command("run")
+@user_errors
+def experiment_run(
+    only: list[str] = typer.Option([], "--only", help="run only cells whose strategy/variant/seedK starts with this"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the grid and what is still to run"),
+) -> None:
+    """Run the missing cells of the experiment grid (params `experiment:`) and write its results table."""
+    from medvlm.experiment import run_experiment
+
+    _print_summary(run_experiment(_config(), only=only or None, dry_run=dry_run,
+                                  log=lambda line: console.print(line, highlight=False)))
+
+
+@experiment_app.command("table")
+@user_errors
+def experiment_table() -> None:
+    """Rewrite <root>/results.md from the cells finished so far."""
+    from medvlm.experiment import write_results
+
+    typer.echo(str(write_results(_config())))
 
 
 # ---------------------------------------------------------------- lifecycle

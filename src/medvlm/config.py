@@ -228,6 +228,20 @@ class ServeConfig(_Section):
     max_bytes: int = Field(20_000_000, ge=1024)  # largest accepted image (decoded bytes); larger -> 413
 
 
+class ExperimentConfig(_Section):
+    """`medvlm experiment run`: strategy x ablation variant x seed on the current profile (see experiment.py)."""
+
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    out_root: str = "runs/experiments"  # the experiment's outputs go to <out_root>/<name>/
+    strategies: list[str] = Field(default_factory=list)  # [] = train.strategies
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # training seeds; the split stays fixed
+    ablations: dict[str, dict[str, Any]] = Field(default_factory=dict)  # variant name -> {dotted.setting: value}
+    ablation_strategies: list[str] = Field(default_factory=list)  # strategies that get the ablations ([] = all)
+    factorial: bool = False  # every combination of the ablations instead of one switch at a time
+    baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
+        default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"])
+
+
 # `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -248,6 +262,7 @@ class Config(_Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 

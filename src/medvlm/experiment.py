@@ -1,0 +1,272 @@
+"""experiment: a grid of training runs (strategy x ablation variant x seed) on one data profile, in its own folder.
+
+`dvc repro` reproduces the default pipeline; an experiment answers the questions one pipeline run cannot: how the
+strategies compare with each switch flipped (ablation) and how much of a difference is seed noise. It calls the same
+stage functions as dvc.yaml (validate, split, features, train, train_labeler, evaluate, report) with every output
+path rebased under `<experiment.out_root>/<experiment.name>/`, so the default pipeline's outputs are never touched:
+
+    <root>/data/{manifest,split,features}   <root>/models/labeler   <root>/reports/validation
+    <root>/baselines/reports/                       baselines, evaluated once (they do not depend on the model)
+    <root>/cells/<strategy>/<variant>/seed<k>/      {models, checkpoints, reports} of one training run
+    <root>/results.md, <root>/results.json          the aggregated table
+
+A cell whose metrics file exists is skipped, and training resumes from its checkpoint, so a killed experiment
+picks up where it stopped (`medvlm experiment run` again). Cells run seed by seed: the first seed of every cell
+finishes before the second starts, so a partial run is still a complete table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medvlm.config import Config, config_from_dict
+from medvlm.errors import ConfigError, EvaluationError
+
+# Output locations of the shared stages, relative to the experiment root.
+_SHARED_OUTPUTS = {
+    "validate.out_dir": "reports/validation",
+    "validate.manifest_dir": "data/manifest",
+    "split.out_dir": "data/split",
+    "features.out_dir": "data/features",
+    "labeler.out_dir": "models/labeler",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    strategy: str
+    variant: str  # "full" or ablation names joined by "+"
+    seed: int
+    overrides: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}/{self.variant}/seed{self.seed}"
+
+
+def experiment_root(cfg: Config) -> Path:
+    return Path(cfg.experiment.out_root) / cfg.experiment.name
+
+
+def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
+    raw = cfg.model_dump(mode="json", by_alias=True)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"experiment override {dotted!r}: no settings section {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"experiment override {dotted!r}: unknown setting {leaf!r}")
+        node[leaf] = value
+    return config_from_dict(raw)
+
+
+def shared_config(cfg: Config) -> Config:
+    """The profile with the data, feature and labeler outputs under the experiment root."""
+    root = experiment_root(cfg)
+    return _with(cfg, {k: str(root / v) for k, v in _SHARED_OUTPUTS.items()})
+
+
+def shared_signature(shared: Config) -> dict:
+    """The settings the shared stages read; a change re-runs them."""
+    dump = shared.model_dump(mode="json", by_alias=True)
+    return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
+        "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]]}
+
+
+def baseline_config(cfg: Config) -> Config:
+    return _with(shared_config(cfg), {"evaluate.out_dir": str(experiment_root(cfg) / "baselines" / "reports")})
+
+
+def variants(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Variant name -> settings. `full` is the profile itself; ablations are flipped one at a time, or in every
+    combination when experiment.factorial is true."""
+    abl = cfg.experiment.ablations
+    out: dict[str, dict[str, Any]] = {"full": {}}
+    names = sorted(abl)
+    sizes = range(1, len(names) + 1) if cfg.experiment.factorial else [1]
+    for size in sizes:
+        for combo in itertools.combinations(names, size):
+            merged: dict[str, Any] = {}
+            for name in combo:
+                merged.update(abl[name])
+            out["+".join(combo)] = merged
+    return out
+
+
+def cells(cfg: Config) -> list[Cell]:
+    ex = cfg.experiment
+    strategies = ex.strategies or list(cfg.train.strategies)
+    ablated = set(ex.ablation_strategies or strategies)
+    unknown = ablated - set(strategies)
+    if unknown:
+        raise ConfigError(f"experiment.ablation_strategies {sorted(unknown)} are not in the experiment's strategies {strategies}")
+    grid = []
+    for seed in ex.seeds:
+        for strategy in strategies:
+            for name, overrides in variants(cfg).items():
+                if name == "full" or strategy in ablated:
+                    grid.append(Cell(strategy, name, seed, overrides))
+    return grid
+
+
+def cell_dir(cfg: Config, cell: Cell) -> Path:
+    return experiment_root(cfg) / "cells" / cell.strategy / cell.variant / f"seed{cell.seed}"
+
+
+def cell_config(cfg: Config, cell: Cell) -> Config:
+    d = cell_dir(cfg, cell)
+    return _with(shared_config(cfg), {**cell.overrides, "seed": cell.seed, "train.out_dir": str(d / "models"),
+                                      "train.checkpoint_dir": str(d / "checkpoints"),
+                                      "evaluate.out_dir": str(d / "reports")})
+
+
+def cell_metrics_path(cfg: Config, cell: Cell) -> Path:
+    return cell_dir(cfg, cell) / "reports" / "metrics" / f"{cell.strategy}.json"
+
+
+def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool = False, log=print) -> dict:
+    """Run every missing cell of the grid (and the shared stages first); returns what ran and the table's path.
+
+    `only` restricts to cells whose key (strategy/variant/seedK) starts with one of the given prefixes.
+    """
+    from medvlm.data.split import run_split
+    from medvlm.data.validate import run_validation
+    from medvlm.evaluate import evaluate
+    from medvlm.features import extract_features
+    from medvlm.labeler import train_labeler
+    from medvlm.train import train
+
+    grid = [c for c in cells(cfg) if not only or any(c.key.startswith(p) for p in only)]
+    todo = [c for c in grid if not cell_metrics_path(cfg, c).is_file()]
+    plan = {"root": str(experiment_root(cfg)), "cells": [c.key for c in grid], "todo": [c.key for c in todo]}
+    if dry_run:
+        return plan
+    shared = shared_config(cfg)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        started = time.perf_counter()
+        out = fn(*args)
+        timings[name] = round(time.perf_counter() - started, 1)
+        log(f"[experiment {cfg.experiment.name}] {name}: {timings[name]} s")
+        return out
+
+    root = experiment_root(cfg)
+    stamp_path, stamp = root / "shared_stages.json", shared_signature(shared)
+    if not stamp_path.is_file() or json.loads(stamp_path.read_text()) != stamp:
+        if stamp_path.is_file() and any((root / d).exists() for d in ("cells", "baselines")):
+            raise ConfigError(f"{root}: this experiment was run with other data/feature/labeler settings "
+                              f"(see {stamp_path.name}); pick another experiment.name or delete the folder")
+        # data / feature / labeler settings changed (or first run): everything downstream is stale
+        timed("validate", run_validation, shared)
+        timed("split", run_split, shared)
+        timed("features", extract_features, shared)
+        timed("train_labeler", train_labeler, shared)
+        root.mkdir(parents=True, exist_ok=True)
+        stamp_path.write_text(json.dumps(stamp, indent=1))
+    base = baseline_config(cfg)
+    for name in cfg.experiment.baselines:
+        if not (Path(base.evaluate.out_dir) / "metrics" / f"{name}.json").is_file():
+            timed(f"baseline {name}", evaluate, base, name)
+    for cell in todo:
+        ccfg = cell_config(cfg, cell)
+        timed(f"train {cell.key}", train, ccfg, cell.strategy)
+        timed(f"evaluate {cell.key}", evaluate, ccfg, cell.strategy)
+    table = write_results(cfg)
+    timing_path = root / "timings.json"
+    previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    timing_path.write_text(json.dumps({**previous, **timings}, indent=1))
+    return {**plan, "seconds": timings, "results": str(table)}
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def collect(cfg: Config) -> dict:
+    """Every finished cell and baseline: {"rows": {row name: {metric: {...}}}, "meta": ...}."""
+    from medvlm.bootstrap import aggregate_runs
+
+    rows: dict[str, dict] = {}
+    seeds_done: dict[str, list[int]] = {}
+    hashes: set[str] = set()
+    first: dict | None = None
+    by_row: dict[str, list[dict]] = {}
+    for cell in cells(cfg):
+        path = cell_metrics_path(cfg, cell)
+        if not path.is_file():
+            continue
+        result = _read(path)
+        hashes.add(str(result.get("test_data_hash")))
+        first = first or result
+        row = cell.strategy if cell.variant == "full" else f"{cell.strategy} − {cell.variant}"
+        by_row.setdefault(row, []).append(result)
+        seeds_done.setdefault(row, []).append(cell.seed)
+    for row, results in by_row.items():
+        if len(results) == 1:
+            rows[row] = results[0]["metrics"]
+            continue
+        runs = [{k: m.get("value") for k, m in r["metrics"].items()} for r in results]
+        agg = aggregate_runs(runs, cfg.evaluate.confidence)
+        rows[row] = {k: {"value": a["mean"], "ci_low": a["ci_low"], "ci_high": a["ci_high"], "std": a["std"],
+                         "n_runs": a["n_runs"]} for k, a in agg.items()}
+    base_dir = Path(baseline_config(cfg).evaluate.out_dir) / "metrics"
+    for name in cfg.experiment.baselines:
+        path = base_dir / f"{name}.json"
+        if path.is_file():
+            result = _read(path)
+            hashes.add(str(result.get("test_data_hash")))
+            first = first or result
+            rows[name] = result["metrics"]
+            seeds_done[name] = []
+    if len(hashes) > 1:
+        raise EvaluationError(f"experiment {cfg.experiment.name}: rows were scored on different test splits {sorted(hashes)}")
+    return {"rows": rows, "seeds": seeds_done, "test_data_hash": next(iter(hashes), None), "first": first}
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{path}: not valid JSON ({exc.msg})") from None
+
+
+def write_results(cfg: Config) -> Path:
+    """<root>/results.md and results.json: one row per strategy/variant (mean over seeds) and per baseline."""
+    from medvlm.report import TABLE_METRICS, _cell
+
+    found = collect(cfg)
+    root = experiment_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = found["rows"]
+    if not rows:
+        raise EvaluationError(f"experiment {cfg.experiment.name}: nothing evaluated yet under {root}")
+    columns = [m for m in TABLE_METRICS if any(m in r for r in rows.values())]
+    first = found["first"] or {}
+    lines = [f"# Experiment `{cfg.experiment.name}`", "",
+             f"Data: `{cfg.data.source}` (split grouped by `{cfg.data.group_by}`, test data hash "
+             f"`{found['test_data_hash']}`, {first.get('n_test', '?')} test images).",
+             "Rows with one seed: value [95% bootstrap CI over test images]. Rows with several seeds: mean over seeds "
+             "[Student-t interval of the mean over seeds]; the seeds column says which.", "",
+             "| model | seeds | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for name, metrics in rows.items():
+        seeds = ",".join(map(str, found["seeds"].get(name, []))) or "–"
+        lines.append(f"| {name} | {seeds} | " + " | ".join(_cell(metrics.get(m)) for m in columns) + " |")
+    quality = (first.get("clinical_efficacy") or {}).get("labeler_reference_quality")
+    if quality:
+        lines += ["", f"Labeler on the test reference reports: accuracy {quality['accuracy']:.3f}, "
+                      f"micro F1 {quality['micro_f1']:.3f}, macro F1 {quality['macro_f1']:.3f} (n = {quality['n']})."]
+    if first.get("conventions"):
+        lines += ["", "Conventions:"] + [f"- **{k}**: {v}" for k, v in first["conventions"].items()]
+    (root / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    flat = {name: {k: m.get("value") for k, m in metrics.items()} for name, metrics in rows.items()}
+    (root / "results.json").write_text(json.dumps({"experiment": cfg.experiment.name, "rows": rows, "seeds": found["seeds"],
+                                                   "test_data_hash": found["test_data_hash"], "flat": flat}, indent=1))
+    return root / "results.md"
