@@ -13,7 +13,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 TORCH_SOURCE := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 PREFECT_PORT ?= 4200
 
-.PHONY: help install run test test-fast lock ablation bench serve-flows mlflow-ui clean
+.PHONY: help install run test test-fast lock ablation experiment cov-ctr bench serve-flows mlflow-ui clean
 
 help:
 	@echo "make run    install into $(VENV) and run 'dvc repro' on the embedded phantom data (offline)"
@@ -67,6 +67,21 @@ ablation: install
 	  medvlm $$opts train --strategy $(ABLATION_STRATEGY) >/dev/null && medvlm $$opts evaluate $(ABLATION_STRATEGY) >/dev/null || exit 1; \
 	done
 	medvlm report-ablation --strategy $(ABLATION_STRATEGY) $(foreach v,$(ABLATIONS),$(firstword $(subst :, ,$(v))))
+
+# An experiment grid (params `experiment:`): strategy x ablation variant x seed, in runs/experiments/<name>/.
+# Re-running continues where it stopped. E.g. make experiment EXPERIMENT_OPTS="-S experiment.seeds=[0,1,2]"
+EXPERIMENT_OPTS ?=
+experiment: install
+	medvlm $(EXPERIMENT_OPTS) experiment run
+
+# COV-CTR end to end on both splits -> reports/results_cov_ctr.md. COV_CTR: the data folder (fetched when absent).
+COV_CTR ?= data/cov_ctr
+COV_CTR_OPTS ?=
+cov-ctr: install
+	test -f $(COV_CTR)/annotation.jsonl || medvlm data fetch cov-ctr --dest $(COV_CTR)
+	medvlm -o params/cov_ctr.yaml -S data.root=$(COV_CTR) -S data.group_by=source -S experiment.name=cov_ctr_grouped $(COV_CTR_OPTS) experiment run
+	medvlm -o params/cov_ctr.yaml -S data.root=$(COV_CTR) -S data.group_by=image_hash -S experiment.name=cov_ctr_random $(COV_CTR_OPTS) experiment run
+	medvlm -o params/cov_ctr.yaml experiment compare cov_ctr_random cov_ctr_grouped --out reports/results_cov_ctr.md --title "COV-CTR results"
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py

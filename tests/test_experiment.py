@@ -125,3 +125,23 @@ def test_results_refuse_mixed_test_splits(tmp_path):
         path.write_text(json.dumps(_fake_result(1.0, data_hash)))
     with pytest.raises(EvaluationError, match="different test splits"):
         ex.write_results(cfg)
+
+
+def test_compare_document_checks_goals_and_prints_anchors(tmp_path):
+    from medvlm.experiment_report import compare_experiments
+
+    cfg = _cfg(tmp_path, name="a", goals={"a": {"CIDEr": 1.2, "BLEU_4": 0.05}},
+               anchors=[{"model": "Paper", "source": "x 2020", "convention": "theirs", "BLEU_4": 0.57}])
+    rows = {"freeze": _fake_result(1.5)["metrics"], "lora": _fake_result(1.1)["metrics"],
+            "freeze − no_disc": _fake_result(9.0)["metrics"],  # ablation rows are never "the best model"
+            "consensus": _fake_result(1.6)["metrics"], "oracle": _fake_result(5.0)["metrics"]}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/results.json").write_text(json.dumps({"rows": rows, "seeds": {"freeze": [0]}, "test_data_hash": "h"}))
+    text = compare_experiments(cfg, ["a"], tmp_path / "doc.md", "T").read_text()
+    assert "best full model by CIDEr: `freeze`" in text
+    assert "| CIDEr >= 1.2 | 1.500 | yes |" in text and "| BLEU_4 >= 0.05 | 0.150 | yes |" in text
+    # freeze (1.5) is below the consensus baseline (1.6) on both metrics: said, not hidden
+    assert "| above consensus on every metric | not above on: BLEU_4, CIDEr | **no** |" in text
+    assert "| Paper | x 2020 | theirs |" in text and "0.570" in text
+    with pytest.raises(EvaluationError, match="missing"):
+        compare_experiments(cfg, ["absent"], tmp_path / "doc.md", "T")

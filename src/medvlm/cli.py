@@ -189,6 +189,19 @@ def experiment_table() -> None:
     typer.echo(str(write_results(_config())))
 
 
+@experiment_app.command("compare")
+@user_errors
+def experiment_compare(
+    names: list[str] = typer.Argument(..., help="experiment names under experiment.out_root"),
+    out: Path = typer.Option(Path("reports/experiments.md"), help="markdown file to write"),
+    title: str = typer.Option("Experiments", help="document title"),
+) -> None:
+    """One document over several experiments, published figures beside ours, goals checked."""
+    from medvlm.experiment_report import compare_experiments
+
+    typer.echo(str(compare_experiments(_config(), names, out, title)))
+
+
 # ---------------------------------------------------------------- lifecycle
 @app.command()
 @user_errors

@@ -240,6 +240,8 @@ class ExperimentConfig(_Section):
     factorial: bool = False  # every combination of the ablations instead of one switch at a time
     baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
         default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"])
+    goals: dict[str, dict[str, float]] = Field(default_factory=dict)  # experiment name -> {metric: minimum}
+    anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
 
 
 # `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
