@@ -318,7 +318,7 @@ def load_config(
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key.sub=value")
             key, value = item.split("=", 1)
-            pairs[key] = yaml.safe_load(value)
+            pairs[key.strip()] = yaml.safe_load(value)  # "-S 'a.b=1'" quoted with a leading space still works
         overrides = pairs
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
