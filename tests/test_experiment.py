@@ -145,3 +145,22 @@ def test_compare_document_checks_goals_and_prints_anchors(tmp_path):
     assert "| Paper | x 2020 | theirs |" in text and "0.570" in text
     with pytest.raises(EvaluationError, match="missing"):
         compare_experiments(cfg, ["absent"], tmp_path / "doc.md", "T")
+
+
+def test_register_best_picks_the_best_full_cell_of_the_first_seed(tmp_path, monkeypatch):
+    import medvlm.registry
+
+    cfg = _cfg(tmp_path, register=True)
+    for cell in ex.cells(cfg):
+        cider = {"freeze/full/seed0": 1.2, "lora/full/seed0": 1.4, "freeze/no_disc/seed0": 9.0,
+                 "freeze/full/seed1": 5.0}.get(cell.key)
+        if cider is not None:
+            path = ex.cell_metrics_path(cfg, cell)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_fake_result(cider)))
+    seen = []
+    monkeypatch.setattr(medvlm.registry, "register", lambda c: seen.append(c) or {"ok": True})
+    assert ex.register_best(cfg) == {"ok": True}
+    # ablation variants and later seeds never get registered: lora (1.4) beats freeze (1.2) among seed-0 full models
+    assert seen[0].train.strategies == ["lora"]
+    assert Path(seen[0].train.out_dir) == tmp_path / "t/cells/lora/full/seed0/models"

@@ -183,10 +183,26 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
         timed(f"train {cell.key}", train, ccfg, cell.strategy)
         timed(f"evaluate {cell.key}", evaluate, ccfg, cell.strategy)
     table = write_results(cfg)
+    registered = register_best(cfg) if cfg.experiment.register else None
     timing_path = root / "timings.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     timing_path.write_text(json.dumps({**previous, **timings}, indent=1))
-    return {**plan, "seconds": timings, "results": str(table)}
+    return {**plan, "seconds": timings, "results": str(table), "registered": registered}
+
+
+def register_best(cfg: Config) -> dict | None:
+    """Register the best full-model cell of the first seed (register.primary_metric) in the MLflow registry under
+    register.model_name; it becomes champion only through the usual gate (same test data, better metric)."""
+    from medvlm.registry import register
+
+    seed = cfg.experiment.seeds[0]
+    full = [c for c in cells(cfg) if c.variant == "full" and c.seed == seed and cell_metrics_path(cfg, c).is_file()]
+    if not full:
+        return None
+    primary = cfg.register.primary_metric
+    best = max(full, key=lambda c: (_read(cell_metrics_path(cfg, c))["metrics"].get(primary) or {}).get("value") or 0.0)
+    ccfg = _with(cell_config(cfg, best), {"train.strategies": [best.strategy]})
+    return register(ccfg)
 
 
 # ------------------------------------------------------------------------------------------------ aggregation
