@@ -43,11 +43,21 @@ class DataConfig(_Section):
     group_by: Literal["image_hash", "source"] = "image_hash"
     # folder under root that the manifest's image paths are relative to ("" = root itself; R2Gen: "images")
     image_dir: str = ""
+    # rules that read labels from report text where the source has none (R2Gen): basic keywords | chexpert (14
+    # CheXpert observations with negation/uncertainty, medvlm.data.report_labels); uncertain mentions -> 0 or 1
+    report_labeler: Literal["basic", "chexpert"] = "basic"
+    report_uncertain: Literal["negative", "positive"] = "negative"
 
     @model_validator(mode="after")
     def _primary_in_labels(self) -> "DataConfig":
         if not self.label_names:
             raise ValueError("data.label_names must name at least one label")
+        if self.report_labeler == "chexpert":
+            from medvlm.data.report_labels import CHEXPERT_LABELS
+
+            unknown = [n for n in self.label_names if n not in CHEXPERT_LABELS]
+            if unknown:
+                raise ValueError(f"data.report_labeler chexpert knows {CHEXPERT_LABELS}, not {unknown}")
         if self.primary_label not in self.label_names:
             raise ValueError(f"data.primary_label {self.primary_label!r} is not in data.label_names {self.label_names}")
         return self
