@@ -84,6 +84,10 @@ class FeaturesConfig(_Section):
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(32, ge=1)
     out_dir: str = "data/features"
+    # several images per study (IU X-ray frontal + lateral): mean = one averaged trunk map per study; concat = each
+    # view encoded on its own, their visual tokens concatenated before the DEM / Q-Former (R2Gen's way)
+    multi_view: Literal["mean", "concat"] = "mean"
+    max_views: int = Field(2, ge=1)  # concat: views kept per study (first ones); fewer views are repeated to fill
 
 
 class ModelConfig(_Section):
