@@ -206,6 +206,9 @@ class EvaluateConfig(_Section):
     preprocessing: Literal["r2gen", "dot_split", "iu_xray_r2gen", "none"] = "r2gen"
     meteor_timeout_s: float = Field(300.0, gt=0)  # a METEOR JVM that stops answering fails the stage instead of hanging
     examples_thumbnail: int = Field(128, ge=16)  # px of the longest side in reports/examples.html
+    # also score clinical efficacy CheXbert-style: the rule labeler (data.report_labeler) reads the generated AND the
+    # reference reports, P/R/F1 per label + micro/macro (RULE_* metrics; PromptMRG's convention with rules for CheXbert)
+    rule_ce: bool = False
     cnn_transformer: CnnTransformerConfig = Field(default_factory=CnnTransformerConfig)
 
 
