@@ -171,7 +171,15 @@ class GenerateConfig(_Section):
 
 
 class LabelerConfig(_Section):
-    """Frozen all-MiniLM-L6-v2 (mean+max pooled tokens) + one logistic-regression head per label."""
+    """all-MiniLM-L6-v2 (mean+max pooled tokens) + one head per label: frozen encoder + logistic heads, or the
+    encoder fine-tuned with a linear head (BCE over labels). Evaluation reads either the same way."""
+
+    mode: Literal["frozen", "finetune"] = "frozen"
+    finetune_epochs: int = Field(3, ge=1)
+    finetune_max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as finetune_epochs take
+    finetune_batch_size: int = Field(16, ge=1)
+    finetune_lr: float = Field(5e-5, gt=0)  # encoder
+    finetune_head_lr: float = Field(1e-3, gt=0)  # the new classification head learns from scratch: larger rate
 
     batch_size: int = Field(32, ge=1)  # encoder forward batch
     max_length: int = Field(192, ge=8)
