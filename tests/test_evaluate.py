@@ -104,3 +104,20 @@ def test_unknown_name_and_empty_report_dir(tmp_path):
         evaluate(cfg, "nonexistent")
     with pytest.raises(EvaluationError, match="no evaluated models"):
         build_report(cfg)
+
+
+def test_rule_labeler_scores_generated_against_reference_reports_per_label(tmp_path):
+    cfg = make_cfg(tmp_path, rule_ce=True)
+    written = evaluate(cfg, "fake", fake_generations())["metrics"]
+    # basic rules: references read pneumonia only in s3 ("suggesting pneumonia"), nodule only in s1 ("no nodule" in
+    # s2 is negated); generated texts name the s1 nodule but not the s3 pneumonia
+    assert written["RULE_nodule_precision"]["value"] == 1.0 and written["RULE_nodule_recall"]["value"] == 1.0
+    assert written["RULE_pneumonia_f1"]["value"] == 0.0 and written["RULE_accuracy"]["value"] == 0.75
+    assert written["RULE_micro_precision"]["value"] == 1.0 and written["RULE_micro_recall"]["value"] == 0.5
+    assert written["RULE_micro_f1"]["value"] == pytest.approx(2 / 3) and written["RULE_macro_f1"]["value"] == 0.5
+    assert written["RULE_micro_f1"]["ci_low"] is not None  # bootstrapped like the other families
+    assert "DEM_pneumonia_f1" in written and "CE_micro_f1" not in written  # no trained labeler here
+    build_report(cfg)
+    table = (tmp_path / "reports" / "results.md").read_text()
+    assert "RULE_micro_f1" in table and "Per-label clinical efficacy: rule labeler" in table
+    assert "| nodule | 1.00 / 1.00 / 1.00 |" in table and "| **micro** | 1.00 / 0.50 / 0.67 |" in table

@@ -63,3 +63,37 @@ def test_missing_labeler_and_bad_labels(tmp_path):
     cfg = config_from_dict({"data": {"label_names": ["pneumonia", "nodule"]}, "split": {"out_dir": str(tmp_path / "split")}})
     with pytest.raises(DataError, match="row 7"):
         train_labeler(cfg)
+
+
+def test_finetune_mode_trains_the_encoder_and_loads_like_frozen(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from medvlm.labeler import base_model_path
+
+    names = list(LABELS)
+    write_split(tmp_path / "split", phantom_rows(12, 0, names), phantom_rows(6, 1, names))
+    cfg = config_from_dict({"data": {"label_names": names}, "split": {"out_dir": str(tmp_path / "split")},
+                            "labeler": {"out_dir": str(tmp_path / "labeler"), "mode": "finetune", "max_length": 64,
+                                        "finetune_batch_size": 4, "finetune_max_steps": 2, "finetune_lr": 1e-4}})
+    summary = train_labeler(cfg)
+    assert summary["mode"] == "finetune" and summary["finetune"]["steps"] == 2
+    assert summary["finetune"]["device"] == "cpu" and summary["finetune"]["seconds_per_step"] > 0
+    assert set(summary["test_reference"]) >= {"accuracy", "micro_f1", "macro_f1", "per_label_f1"}
+    assert summary["test_reference"]["n"] == 6
+    # the encoder really moved away from the packaged weights
+    tuned = load_file(tmp_path / "labeler" / "encoder" / "model.safetensors")
+    base = AutoModel.from_pretrained(base_model_path()).state_dict()
+    key = next(k for k in tuned if "layer.5.attention" in k and k.endswith("weight"))
+    assert not torch.equal(tuned[key], base[key])
+    labeler = Labeler.load(tmp_path / "labeler")  # the same class evaluation uses, whatever mode trained it
+    texts = [r["report"] for r in phantom_rows(3, 2, names)]
+    proba = labeler.predict_proba(texts)
+    assert proba.shape == (3, len(names)) and np.all((proba > 0) & (proba < 1))
+    assert Labeler.recorded_quality(tmp_path / "labeler") == summary["test_reference"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "labeler" / "encoder")
+    with pytest.raises(ModelError, match="fine-tuned labeler encoder missing"):
+        Labeler.load(tmp_path / "labeler")

@@ -153,7 +153,8 @@ def test_extract_features_and_embeddings(tmp_path):
         (tmp_path / "split").mkdir(exist_ok=True)
         (tmp_path / "split" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = extract_features(cfg)
-    assert summary["train"] == {"n": 3, "shape": list(TRUNK_SHAPE)}
+    assert summary["train"]["n"] == 3 and summary["train"]["shape"] == list(TRUNK_SHAPE)
+    assert summary["train"]["views_per_study"] == {"1": 2, "2": 1}
     feats, ids = load_features(cfg, "test")
     assert ids == ["test0", "test1"] and feats.shape == (2, *TRUNK_SHAPE)
     images = [Image.open(tmp_path / "data" / f"images/test{i}.png") for i in range(2)]

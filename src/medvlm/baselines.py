@@ -100,7 +100,7 @@ def retrieval(cfg: Config) -> tuple[list[dict], dict]:
         if [str(i) for i in ids] != [str(i) for i in rows["study_id"]]:
             raise EvaluationError(f"{cfg.features.out_dir}/{split}: cached features are not in the split's study order "
                                   "(re-run `medvlm features`)")
-        embedded[split] = embed_features(trunk, vision)
+        embedded[split] = embed_features(trunk, vision, views=cfg.features.multi_view == "concat")
     nearest = np.argmax(embedded["test"] @ embedded["train"].T, axis=1)
     names = cfg.data.label_names
     texts = [str(train["report"].iloc[j]) for j in nearest]

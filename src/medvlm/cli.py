@@ -240,11 +240,12 @@ def generate(
     model: str = typer.Option("champion", help="registry alias, version number, runs:/ URI or a local model folder"),
     fmt: str = typer.Option("text", "--format", "-f", help="text | json | markdown"),
     out: Optional[Path] = typer.Option(None, help="write the output to this file"),
+    study: bool = typer.Option(False, "--study", help="all images are views of one study (e.g. frontal + lateral): one report"),
 ) -> None:
     """Generate a radiology report (and diagnosis probabilities) for images."""
     from medvlm.predict import generate_reports
 
-    code = generate_reports(paths, model, _config(), fmt, out)
+    code = generate_reports(paths, model, _config(), fmt, out, study=study)
     raise typer.Exit(code=code)
 
 

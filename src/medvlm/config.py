@@ -43,11 +43,21 @@ class DataConfig(_Section):
     group_by: Literal["image_hash", "source"] = "image_hash"
     # folder under root that the manifest's image paths are relative to ("" = root itself; R2Gen: "images")
     image_dir: str = ""
+    # rules that read labels from report text where the source has none (R2Gen): basic keywords | chexpert (14
+    # CheXpert observations with negation/uncertainty, medvlm.data.report_labels); uncertain mentions -> 0 or 1
+    report_labeler: Literal["basic", "chexpert"] = "basic"
+    report_uncertain: Literal["negative", "positive"] = "negative"
 
     @model_validator(mode="after")
     def _primary_in_labels(self) -> "DataConfig":
         if not self.label_names:
             raise ValueError("data.label_names must name at least one label")
+        if self.report_labeler == "chexpert":
+            from medvlm.data.report_labels import CHEXPERT_LABELS
+
+            unknown = [n for n in self.label_names if n not in CHEXPERT_LABELS]
+            if unknown:
+                raise ValueError(f"data.report_labeler chexpert knows {CHEXPERT_LABELS}, not {unknown}")
         if self.primary_label not in self.label_names:
             raise ValueError(f"data.primary_label {self.primary_label!r} is not in data.label_names {self.label_names}")
         return self
@@ -74,6 +84,10 @@ class FeaturesConfig(_Section):
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(32, ge=1)
     out_dir: str = "data/features"
+    # several images per study (IU X-ray frontal + lateral): mean = one averaged trunk map per study; concat = each
+    # view encoded on its own, their visual tokens concatenated before the DEM / Q-Former (R2Gen's way)
+    multi_view: Literal["mean", "concat"] = "mean"
+    max_views: int = Field(2, ge=1)  # concat: views kept per study (first ones); fewer views are repeated to fill
 
 
 class ModelConfig(_Section):
@@ -157,7 +171,15 @@ class GenerateConfig(_Section):
 
 
 class LabelerConfig(_Section):
-    """Frozen all-MiniLM-L6-v2 (mean+max pooled tokens) + one logistic-regression head per label."""
+    """all-MiniLM-L6-v2 (mean+max pooled tokens) + one head per label: frozen encoder + logistic heads, or the
+    encoder fine-tuned with a linear head (BCE over labels). Evaluation reads either the same way."""
+
+    mode: Literal["frozen", "finetune"] = "frozen"
+    finetune_epochs: int = Field(3, ge=1)
+    finetune_max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as finetune_epochs take
+    finetune_batch_size: int = Field(16, ge=1)
+    finetune_lr: float = Field(5e-5, gt=0)  # encoder
+    finetune_head_lr: float = Field(1e-3, gt=0)  # the new classification head learns from scratch: larger rate
 
     batch_size: int = Field(32, ge=1)  # encoder forward batch
     max_length: int = Field(192, ge=8)
@@ -192,6 +214,9 @@ class EvaluateConfig(_Section):
     preprocessing: Literal["r2gen", "dot_split", "iu_xray_r2gen", "none"] = "r2gen"
     meteor_timeout_s: float = Field(300.0, gt=0)  # a METEOR JVM that stops answering fails the stage instead of hanging
     examples_thumbnail: int = Field(128, ge=16)  # px of the longest side in reports/examples.html
+    # also score clinical efficacy CheXbert-style: the rule labeler (data.report_labeler) reads the generated AND the
+    # reference reports, P/R/F1 per label + micro/macro (RULE_* metrics; PromptMRG's convention with rules for CheXbert)
+    rule_ce: bool = False
     cnn_transformer: CnnTransformerConfig = Field(default_factory=CnnTransformerConfig)
 
 

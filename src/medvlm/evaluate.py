@@ -118,6 +118,13 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
         clinical["generated_labels"] = "labeler applied to the generated reports"
     else:
         clinical["labeler"] = f"not trained ({labeler_dir} has no heads.npz): CE_* metrics omitted"
+    if ev.rule_ce:
+        y_ref, y_gen = rule_labels(cfg, units, generated)
+        ce = clinical_efficacy(y_ref, y_gen, names, cfg.data.primary_label, 0.5)
+        point.update({k.replace("CE_", "RULE_", 1): v for k, v in ce.items()})
+        families.append(clinical_family(y_ref, y_gen, names, cfg.data.primary_label, 0.5, "RULE_"))
+        clinical["rule_labeler"] = (f"RULE_* = the {cfg.data.report_labeler!r} report rules (uncertain -> "
+                                    f"{cfg.data.report_uncertain}) on the generated vs the reference reports")
     probs = [generated[i].get("probabilities") or {} for i in ids]
     if all(all(n in p for n in names) for p in probs):
         y_dem = np.asarray([[float(p[n]) for n in names] for p in probs])
@@ -131,6 +138,22 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
         m["n"] = len(ids)
     return {"metrics": metrics, "clinical_efficacy": clinical, "preprocessing": convention, "notes": notes,
             "seconds_scoring": round(time.perf_counter() - started, 2)}
+
+
+def rule_labels(cfg: Config, units: list[dict], generated: dict[str, dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, generated) 0/1 label matrices from the rule labeler: both sides read by the same labeler, as
+    CheXbert-based clinical efficacy does. A unit with several references is positive where any reference is."""
+    from medvlm.data.report_labels import report_labels
+
+    names, uncertain = cfg.data.label_names, int(cfg.data.report_uncertain == "positive")
+
+    def read(text: str) -> list[int]:
+        labels = report_labels(text, names, cfg.data.report_labeler, uncertain)
+        return [labels[n] for n in names]
+
+    y_ref = np.asarray([np.max([read(r) for r in u["references"]], axis=0) for u in units], dtype=float)
+    y_gen = np.asarray([read(generated[u["unit_id"]]["generated"]) for u in units], dtype=float)
+    return y_ref, y_gen
 
 
 def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:

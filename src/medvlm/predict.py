@@ -61,12 +61,27 @@ def _safe_is_dicom(path: Path, is_dicom: Callable) -> bool:
 
 
 def run_predictions(
-    files: list[Path], predictor, cfg: Config, console: Console | None = None
+    files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False
 ) -> Outcome:
-    """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures."""
+    """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures.
+
+    study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them."""
     from medvlm.data.images import load_image
 
     outcome = Outcome()
+    if study:
+        images, kept = [], []
+        for path in files:
+            try:
+                images.append(load_image(path, max_pixels=cfg.validation.max_image_pixels))
+                kept.append(path)
+            except DataError as exc:
+                outcome.failures.append(str(exc))
+        if images:
+            pred = predictor.predict_studies([images])[0]
+            outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
+                                    "probabilities": {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}})
+        return outcome
     batch_size = cfg.generate.batch_size
     progress = Progress(
         TextColumn("[bold]reports"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -119,10 +134,12 @@ def generate_reports(
     predictor_factory: Callable | None = None,
     stdout: TextIO | None = None,
     console: Console | None = None,
+    study: bool = False,
 ) -> int:
     """The logic behind `medvlm generate`. Returns the exit code: 0 all done, 1 some files failed, 2 none read.
 
-    predictor_factory(model_dir, cfg) builds the predictor (default medvlm.inference.Predictor.load)."""
+    predictor_factory(model_dir, cfg) builds the predictor (default medvlm.inference.Predictor.load).
+    study=True: all images found are views of one study, reported together (multi-view models)."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     console = console or Console(stderr=True)
@@ -133,7 +150,7 @@ def generate_reports(
         console.print("[red]error:[/red] no image files found in the given paths", highlight=False)
         return EXIT_NOTHING_READ
     predictor = load_predictor(model_spec, cfg, predictor_factory)
-    outcome = run_predictions(files, predictor, cfg, console)
+    outcome = run_predictions(files, predictor, cfg, console, study=study)
     for line in outcome.failures:
         console.print(f"[red]skipped:[/red] {line}", highlight=False, soft_wrap=True)
     text = format_results(outcome.results, fmt)

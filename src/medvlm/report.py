@@ -17,7 +17,11 @@ from medvlm.config import Config
 from medvlm.errors import EvaluationError
 
 TABLE_METRICS = ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "medvlm_BLEU_4", "medvlm_METEOR",
-                 "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc"]
+                 "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc",
+                 "RULE_micro_f1", "RULE_macro_f1"]
+# per-label P/R/F1 tables, one per labeler whose figures are in the metrics files
+PER_LABEL_FAMILIES = {"CE_": "report labeler (trained) on generated text vs test labels",
+                      "RULE_": "rule labeler on generated vs reference reports"}
 PLOT_METRICS = ["BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CE_f1"]
 
 
@@ -75,6 +79,7 @@ def build_report(cfg: Config) -> dict:
                      f"micro F1 {quality['micro_f1']:.3f}, macro F1 {quality['macro_f1']:.3f} (n = {quality['n']}).")
     else:
         lines.append("No labeler was trained: CE_* figures are absent.")
+    lines += per_label_tables(cfg.data.label_names, names, results)
     lines += ["", "oracle picks the best training report by looking at the references: a ceiling, not a method.", ""]
     (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
     plots = _plots(out / "plots", names, results)
@@ -83,6 +88,25 @@ def build_report(cfg: Config) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return {"results": str(out / "results.md"), "plots": plots, "examples": str(examples),
             "summary": str(out / "summary.json"), "models": names}
+
+
+def per_label_tables(label_names: list[str], names: list[str], results: dict) -> list[str]:
+    """Markdown: per labeler family, one row per label (+ micro, macro), one `P / R / F1` column per model."""
+    lines = []
+    for prefix, what in PER_LABEL_FAMILIES.items():
+        shown = [n for n in names if f"{prefix}micro_f1" in results[n]["metrics"]]
+        if not shown:
+            continue
+        lines += ["", f"### Per-label clinical efficacy: {what} (precision / recall / F1)", "",
+                  "| label | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+        for label in [*label_names, "micro", "macro"]:
+            cells = []
+            for n in shown:
+                m = results[n]["metrics"]
+                values = [m.get(f"{prefix}{label}_{k}", {}).get("value") for k in ("precision", "recall", "f1")]
+                cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in values))
+            lines.append(f"| {label if label in label_names else f'**{label}**'} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plots(folder: Path, names: list[str], results: dict) -> list[str]:

@@ -2,7 +2,8 @@
 
 `load_source(cfg)` dispatches on `data.source`:
     cov_ctr  COV-CTR annotation.jsonl {image_id, image, label, report, report_zh, source_row}
-    r2gen    R2Gen annotation.json {"train": [...], "val": [...], "test": [...]} with {id, report, image_path[]}
+    r2gen    R2Gen annotation.json {"train": [...], "val": [...], "test": [...]} with {id, report, image_path[]};
+             entries without `labels` get them from the report text (data.report_labeler, data/report_labels.py)
     csv      generic manifest, one row per study (see _generic_row for the accepted columns)
     jsonl    the same as JSON Lines (what the phantom generator writes)
 
@@ -20,32 +21,12 @@ from typing import Any, Callable
 import pandas as pd
 
 from medvlm.config import Config
+from medvlm.data.report_labels import KEYWORDS, report_labels  # noqa: F401  (KEYWORDS: re-exported, old import path)
 from medvlm.errors import ConfigError, DataError
 from medvlm.manifest import COLUMNS
 
 LOAD_ERROR = "load_error"
 SPLITS = ("train", "val", "test")
-
-# Crude report labeler for sources without labels (R2Gen): a sentence that names a keyword counts as positive
-# unless a negation cue precedes the keyword in that sentence. Names missing here match their own words.
-# "normal" is special: 1 when no other label fires.
-KEYWORDS: dict[str, list[str]] = {
-    "pneumonia": ["pneumonia", "infection", "infectious", "inflammat"],
-    "covid": ["covid", "coronavirus", "viral pneumonia"],
-    "ground_glass": ["ground glass", "ground-glass", "groundglass"],
-    "consolidation": ["consolidation", "consolidative"],
-    "crazy_paving": ["crazy paving", "crazy-paving"],
-    "nodule": ["nodule", "nodular", "mass"],
-    "effusion": ["effusion"],
-    "fibrosis": ["fibrosis", "fibrotic", "fibrous"],
-    "cardiomegaly": ["cardiomegaly", "heart is enlarged", "enlarged heart", "enlarged cardiac"],
-    "atelectasis": ["atelectasis", "atelectatic"],
-    "edema": ["edema", "oedema"],
-    "pneumothorax": ["pneumothorax"],
-    "opacity": ["opacity", "opacities", "opacification"],
-}
-_NEGATIONS = re.compile(r"\b(no|not|without|negative for|free of|clear of|resolved)\b")
-
 
 def load_source(cfg: Config) -> pd.DataFrame:
     """Read the configured source into a manifest DataFrame (COLUMNS + load_error), one row per study."""
@@ -162,7 +143,9 @@ def _load_r2gen(manifest: Path, cfg: Config) -> list[dict]:
             if isinstance(labels, dict):
                 labels = {str(k): _as_label(v) for k, v in labels.items()}
             elif labels is None:
-                labels = keyword_labels(report, cfg.data.label_names)
+                # no labels in the source: read them from the report (data.report_labeler's rules)
+                labels = keyword_labels(report, cfg.data.label_names, cfg.data.report_labeler,
+                                        int(cfg.data.report_uncertain == "positive"))
             else:
                 errors.append(f"labels is {type(labels).__name__}, not an object")
                 labels = {}
@@ -184,23 +167,9 @@ def _load_r2gen(manifest: Path, cfg: Config) -> list[dict]:
     return rows
 
 
-def keyword_labels(report: Any, label_names: list[str]) -> dict[str, int]:
-    """0/1 per label name from report keywords (see KEYWORDS); a missing report gives no positives."""
-    sentences = re.split(r"[.;\n。；]", report.lower()) if isinstance(report, str) else []
-    labels = {}
-    for name in label_names:
-        if name == "normal":
-            continue
-        words = KEYWORDS.get(name, [name.replace("_", " ")])
-        labels[name] = int(any(_affirmed(sentence, word) for sentence in sentences for word in words))
-    if "normal" in label_names:
-        labels["normal"] = int(not any(labels.values()))
-    return {name: labels[name] for name in label_names}
-
-
-def _affirmed(sentence: str, word: str) -> bool:
-    at = sentence.find(word)
-    return at >= 0 and not _NEGATIONS.search(sentence[:at])
+def keyword_labels(report: Any, label_names: list[str], labeler: str = "basic", uncertain_as: int = 0) -> dict[str, int]:
+    """0/1 per label name read from the report text by a rule set of medvlm.data.report_labels."""
+    return report_labels(report, label_names, labeler, uncertain_as)
 
 
 # ---------------------------------------------------------------------------------------------- CSV / JSONL

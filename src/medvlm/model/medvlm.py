@@ -79,8 +79,17 @@ class MedVLM(nn.Module):
 
     # ---- pieces shared by training and generation -------------------------------------------------------------
     def visual_queries(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cached trunk features -> (query embeddings (B, Q, D_lm), label logits (B, K) or None)."""
-        tokens = self.vision(trunk_features)
+        """Cached trunk features -> (query embeddings (B, Q, D_lm), label logits (B, K) or None).
+
+        features.multi_view concat: trunk features are (B, V, *trunk shape); each view goes through the tail on its
+        own and the views' tokens are concatenated, (B, V*T, W), so the DEM pools and the Q-Former attends over
+        all views at once."""
+        if self.cfg.features.multi_view == "concat":
+            batch, views = trunk_features.shape[:2]
+            tokens = self.vision(trunk_features.flatten(0, 1))
+            tokens = tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])
+        else:
+            tokens = self.vision(trunk_features)
         logits = None
         if self.dem is not None:
             tokens, logits = self.dem(tokens)
