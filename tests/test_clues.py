@@ -23,7 +23,8 @@ def _labels(k: int) -> dict:
 def test_prior_knowledge_text():
     names = ["pneumonia", "ground_glass", "effusion"]
     assert prior_knowledge_text([0.83, 0.61, 0.2], names, 0.5) == "Suspected: pneumonia 0.83, ground glass 0.61."
-    assert prior_knowledge_text([0.61, 0.834, 0.9], names, 0.5) == "Suspected: effusion 0.90, ground glass 0.83, pneumonia 0.61."
+    assert (prior_knowledge_text([0.61, 0.834, 0.9], names, 0.5)
+            == "Suspected: effusion 0.90, ground glass 0.83, pneumonia 0.61.")
     assert prior_knowledge_text([0.5, 0.1, 0.0], names, 0.5) == "No suspected findings."  # strictly above
     assert prior_knowledge_text([0.3], ["covid"], 0.25) == "Suspected: covid 0.30."
 
@@ -91,7 +92,7 @@ def test_clues_and_prior_off_is_the_old_model(tmp_path, strategy):
                 [0, 1])
     ids, _ = generate_ids(model, feats, cfg.generate)
     loss, n_params, decoded = OLD_MODEL[strategy]
-    assert model.clues is None and not any(".clues." in n or n.startswith("clues.") for n, _ in model.named_parameters())
+    assert model.clues is None and not any(n.startswith("clues.") for n, _ in model.named_parameters())
     assert sum(p.numel() for p in model.parameters()) == n_params
     assert float(out["loss"].detach()) == pytest.approx(loss, abs=1e-5)
     assert ids == [decoded, decoded]
@@ -104,7 +105,8 @@ def test_prior_prompt_carries_predicted_findings_per_sample(tmp_path):
     logits = torch.tensor([[3.0, -3.0], [-3.0, -3.0]])  # p = 0.95 / 0.05
     posts = model.post_ids([0, 1], logits)
     head, tail = model.layout._post_texts[0]
-    assert posts[0] == model.tokenizer(f"{head} Suspected: pneumonia 0.95.{tail}", add_special_tokens=False)["input_ids"]
+    expected = model.tokenizer(f"{head} Suspected: pneumonia 0.95.{tail}", add_special_tokens=False)["input_ids"]
+    assert posts[0] == expected
     head, tail = model.layout._post_texts[1]
     assert posts[1] == model.tokenizer(f"{head} No suspected findings.{tail}", add_special_tokens=False)["input_ids"]
     assert posts[0][-2:] == model.layout.posts[0][-2:]  # still ends with the assistant-turn start
@@ -192,7 +194,7 @@ def test_predictor_round_trip_with_clues_and_prior_prompt(tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(tmp_path / "models" / "lora" / "trainable.safetensors")
-    assert any(k.startswith("clues.classifier.") for k in saved) and any(k.startswith("clues.interaction.") for k in saved)
+    assert {"clues.classifier.weight", "clues.interaction.norm.weight", "clues.to_lm.weight"} <= saved.keys()
     loaded = Predictor.load(tmp_path / "models" / "lora")
     state = loaded.model.trainable_state_dict()
     assert state.keys() == saved.keys() and all(torch.equal(saved[k], state[k]) for k in saved)

@@ -120,7 +120,8 @@ class ModelConfig(_Section):
         if self.prompt_template and not self.prompts:
             raise ValueError("model.prompts is empty but model.prompt_template is on")
         if self.clues and not (self.clue_interaction or self.clue_tokens):
-            raise ValueError("model.clues is on but clue_interaction and clue_tokens are both off: the clues would go nowhere")
+            raise ValueError("model.clues is on but clue_interaction and clue_tokens are both off: "
+                             "the clues would go nowhere")
         if self.prior_prompt and not (self.discrimination or self.clues):
             raise ValueError("model.prior_prompt needs predicted findings: turn on model.discrimination or model.clues")
         return self
