@@ -60,7 +60,7 @@ lock:
 # Ablation: the best strategy re-trained with one switch flipped, each variant in its own runs/ and reports/
 # folders (params overrides only; the default pipeline's outputs are untouched). ~4 min per variant on 2 cores.
 ABLATION_STRATEGY ?= freeze
-ABLATIONS ?= no_discrimination:model.discrimination=false no_prompt:model.prompt_template=false
+ABLATIONS ?= no_discrimination:model.discrimination=false no_prompt:model.prompt_template=false clues:model.clues=true prior_prompt:model.prior_prompt=true
 ablation: install
 	for v in $(ABLATIONS); do name=$${v%%:*}; set=$${v#*:}; \
 	  opts="-S $$set -S train.out_dir=runs/ablation/$$name/models -S train.checkpoint_dir=runs/ablation/$$name/checkpoints -S evaluate.out_dir=reports/ablation/$$name"; \

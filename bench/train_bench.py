@@ -68,7 +68,8 @@ def bench_strategy(cfg, strategy: str, steps: int, device: str, peak_flops: floa
         if i:
             times.append(time.perf_counter() - start)
             tokens = int(out["tokens"])
-    seq = len(model.layout.pre) + cfg.model.qformer_queries + len(model.layout.posts[0]) + len(reports[0])
+    clue_tokens = model.clues.n_tokens if model.clues is not None else 0
+    seq = len(model.layout.pre) + cfg.model.qformer_queries + clue_tokens + len(model.layout.posts[0]) + len(reports[0])
     step = sorted(times)[len(times) // 2]  # median: other processes share the CPU
     result = {
         "strategy": strategy, "batch_size": b, "sequence_tokens": seq, "step_seconds_median": round(step, 4),

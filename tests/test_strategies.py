@@ -1,4 +1,5 @@
-"""Each strategy trains exactly its intended parameters; everything else stays bit-identical after a step."""
+"""Each strategy trains exactly its intended parameters (with the optional clue modules on too); everything else
+stays bit-identical after a step."""
 
 import pytest
 import torch
@@ -8,7 +9,10 @@ from medvlm.errors import ConfigError, ModelError
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.strategies import check_strategy
 
-ALWAYS = ("vision.tail.", "dem.", "bridge.")
+ALWAYS = ("vision.tail.", "dem.", "bridge.", "clues.")
+# new modules that are on only when configured: with them on they must train under every strategy
+OPTIONAL_MODULES = {"plain": {}, "clues+prior": {"clues": True, "prior_prompt": True},
+                    "clues, own classifier": {"clues": True, "discrimination": False}}
 
 
 def _intended(name: str, strategy: str) -> bool:
@@ -29,19 +33,23 @@ def _step(model: MedVLM) -> None:
     opt.step()
 
 
+@pytest.mark.parametrize("modules", sorted(OPTIONAL_MODULES))
 @pytest.mark.parametrize("strategy", ["freeze", "lora", "ptuning_v2"])
-def test_exactly_the_intended_parameters_train(tmp_path, strategy):
+def test_exactly_the_intended_parameters_train(tmp_path, strategy, modules):
     torch.manual_seed(0)
-    model = MedVLM(tiny_config(tmp_path), strategy)
+    model = MedVLM(tiny_config(tmp_path, model=OPTIONAL_MODULES[modules]), strategy)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     names = {n for n, _ in model.named_parameters()}
     assert trainable == {n for n in names if _intended(n, strategy)}
     assert any(not n.startswith(ALWAYS) for n in trainable)  # the strategy adds LM-side parameters
+    assert any(n.startswith("clues.") for n in trainable) == ("clues" in modules)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _step(model)
     for name, p in model.named_parameters():
         if name in trainable:
             assert p.grad is not None, name
+            if name.startswith("clues."):  # a real gradient, not only weight decay moving it
+                assert p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None and torch.equal(p, before[name]), name
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

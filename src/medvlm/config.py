@@ -109,6 +109,21 @@ class ModelConfig(_Section):
     # Closed report vocabulary (R2Gen-style): the LM head scores only tokens that occur in training reports.
     # The 49k-token head is most of a CPU step and of every decoding step; the price: no unseen words.
     closed_vocab: bool = False
+    # Disease clues (TRRG): K = len(data.label_names) learned clue embeddings, each scaled by its predicted
+    # probability, feed a cross-modal interaction before the Q-Former and/or extra LM input tokens.
+    clues: bool = False
+    # Where the clue probabilities come from. "classifier": the discrimination module's classifier when
+    # model.discrimination is on, else a linear head owned by the clue module, trained with the same BCE loss.
+    # (A zero-shot image-text similarity source would be another value here.)
+    clue_source: Literal["classifier"] = "classifier"
+    clue_dim: int = Field(64, ge=1)  # width of a clue embedding
+    clue_heads: int = Field(4, ge=1)  # heads of the visual-token -> clue cross-attention (must divide the visual width)
+    clue_interaction: bool = True  # with clues on: cross-attention visual tokens -> clues before the Q-Former
+    clue_tokens: bool = True  # with clues on: the K scaled clues as extra LM input tokens after the query tokens
+    # Prior-knowledge prompt (ClinicalBLIP): the user turn also lists the findings the classifier predicts
+    # ("Suspected: pneumonia 0.83, ground glass 0.61."), labels with probability above prior_threshold.
+    prior_prompt: bool = False
+    prior_threshold: float = Field(0.5, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":
@@ -118,6 +133,11 @@ class ModelConfig(_Section):
             )
         if self.prompt_template and not self.prompts:
             raise ValueError("model.prompts is empty but model.prompt_template is on")
+        if self.clues and not (self.clue_interaction or self.clue_tokens):
+            raise ValueError("model.clues is on but clue_interaction and clue_tokens are both off: "
+                             "the clues would go nowhere")
+        if self.prior_prompt and not (self.discrimination or self.clues):
+            raise ValueError("model.prior_prompt needs predicted findings: turn on model.discrimination or model.clues")
         return self
 
 

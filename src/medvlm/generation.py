@@ -1,4 +1,4 @@
-"""Batched greedy / beam-search decoding from the visual query embeddings.
+"""Batched greedy / beam-search decoding from the visual soft tokens (Q-Former queries [+ disease clues]).
 
 Own KV-cached beam search instead of HF `generate`: the input is a mix of token embeddings and soft query tokens,
 P-Tuning v2 adds a pre-filled prefix cache, and the LM head is applied to the last position only; one small loop
@@ -26,6 +26,27 @@ def _apply_repetition_penalty(logits: torch.Tensor, tokens: torch.Tensor, penalt
     return logits.scatter(1, tokens, seen)
 
 
+def _prompt_embeds(model: MedVLM, queries: torch.Tensor, posts: list[list[int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[pre][soft tokens][post] per sample -> (embeddings (B, L, D), mask (B, L), prompt lengths (B,)).
+
+    Posts differ in length when they carry the predicted findings (model.prior_prompt). Shorter ones are padded
+    on the right, between prompt and report: the pads are masked and each row's positions continue from its own
+    length, so a row decodes as it would alone. (Left padding would leave pad rows with nothing to attend to.)
+    """
+    device = queries.device
+    batch, width = queries.shape[0], max(len(p) for p in posts)
+    ids = torch.full((batch, width), model.layout.pad, dtype=torch.long, device=device)
+    for i, post in enumerate(posts):
+        ids[i, : len(post)] = torch.tensor(post, dtype=torch.long, device=device)
+    post_embeds = model.embed_ids(ids)
+    pre = model.embed_ids(torch.tensor(model.layout.pre, dtype=torch.long, device=device))
+    embeds = torch.cat([pre.unsqueeze(0).expand(batch, -1, -1), queries.to(post_embeds.dtype), post_embeds], dim=1)
+    lengths = torch.tensor([len(model.layout.pre) + queries.shape[1] + len(p) for p in posts], device=device)
+    mask = (torch.arange(embeds.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    return embeds, mask, lengths
+
+
 @torch.no_grad()
 def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig, prompt_index: int = 0,
                  ) -> tuple[list[list[int]], torch.Tensor | None]:
@@ -37,17 +58,15 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
     batch, beams = queries.shape[0], gen.num_beams
     # beams hold indices into the output vocabulary (== token ids unless the vocabulary is closed)
     eos = int(model.output_index(torch.tensor([model.layout.eos], device=device)))
-    pre = torch.tensor(model.layout.pre, dtype=torch.long, device=device)
-    post = torch.tensor(model.layout.posts[prompt_index], dtype=torch.long, device=device)
-    embeds = torch.cat([model.embed_ids(pre).unsqueeze(0).expand(batch, -1, -1), queries.to(model.embed_ids(post).dtype),
-                        model.embed_ids(post).unsqueeze(0).expand(batch, -1, -1)], dim=1)
-    embeds = embeds.repeat_interleave(beams, dim=0)  # (B*K, L, D), beams of a sample are adjacent
-    rows, length = embeds.shape[:2]
+    embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits))
+    # (B*K, ...): beams of a sample are adjacent and share its prompt length, so beam reordering keeps `lengths`
+    embeds, prompt_mask, lengths = (x.repeat_interleave(beams, dim=0) for x in (embeds, prompt_mask, lengths))
+    rows = embeds.shape[0]
     cache = model.prefix_cache(rows, embeds.dtype) or DynamicCache()
-    offset = model.prefix_length()
-    mask = torch.ones(rows, offset + length, dtype=torch.long, device=device)
-    positions = torch.arange(length, device=device).unsqueeze(0).expand(rows, -1)
-    hidden = model.run_decoder(embeds, mask, positions, cache)[:, -1]
+    mask = torch.cat([prompt_mask.new_ones(rows, model.prefix_length()), prompt_mask], dim=1)
+    positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
+    hidden = model.run_decoder(embeds, mask, positions, cache)
+    hidden = hidden[torch.arange(rows, device=device), lengths - 1]  # each row's last real prompt position
 
     beam_scores = torch.zeros(batch, beams, device=device)
     beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first one only
@@ -93,7 +112,7 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
         tokens = torch.cat([tokens[beam_index], next_token.view(-1, 1)], dim=1)
         beam_scores = next_score
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        positions = torch.full((rows, 1), length + step, dtype=torch.long, device=device)
+        positions = (lengths + step).view(-1, 1)
         next_embeds = model.embed_ids(model.output_token(next_token.view(-1, 1)))
         hidden = model.run_decoder(next_embeds, mask, positions, cache)[:, -1]
     best = [max(hyps, key=lambda h: h[0])[1] if hyps else [] for hyps in finished]

@@ -1,9 +1,10 @@
-"""MedVLM assembled: vision tail -> discrimination module -> Q-Former -> causal LM (+ strategy).
+"""MedVLM assembled: vision tail -> discrimination module -> (disease clues) -> Q-Former -> causal LM (+ strategy).
 
-Input layout of one sample (prompt template on; the LM's chat template renders the turns):
-    [pre: system + user-turn start] [Q query embeddings] [post: prompt text + assistant-turn start] [report] [eos]
-Template off: [Q queries] [bos] [report] [eos]. The loss covers only the report and its end token, and the LM
-head (49k-vocab, a large share of the CPU cost) is applied only at those positions.
+Input layout of one sample (prompt template on; the LM's chat template renders the turns; see prompt.py):
+    [pre: system + user-turn start] [Q query embeddings] [K clue tokens, model.clues] [post: prompt text
+    (+ predicted findings, model.prior_prompt) + assistant-turn start] [report] [eos]
+Template off: [Q queries] [K clues] [(prior text)] [bos] [report] [eos]. The loss covers only the report and its
+end token, and the LM head (49k-vocab, a large share of the CPU cost) is applied only at those positions.
 """
 
 from __future__ import annotations
@@ -13,46 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvlm.config import Config
-from medvlm.errors import ConfigError, ModelError
+from medvlm.errors import ModelError
+from medvlm.model.clues import DiseaseClues
 from medvlm.model.discrimination import DiscriminationModule, discrimination_loss
 from medvlm.model.lm import load_lm
+from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
 from medvlm.model.strategies import apply_strategy, check_strategy
 from medvlm.model.vision import VisionEncoder, build_vision
-
-_QUERY_MARK = "\x00QUERIES\x00"
-
-
-class PromptLayout:
-    """Token ids around the query slot, one (pre, post) pair per configured prompt; pre is shared by all."""
-
-    def __init__(self, tokenizer, cfg: Config):
-        self.tokenizer = tokenizer
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        self.max_report_tokens = cfg.model.max_report_tokens
-        if not cfg.model.prompt_template:
-            bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
-            self.pre, self.posts = [], [[bos]]
-            return
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(f"model.prompt_template is on but the tokenizer of {cfg.model.lm!r} has no chat template")
-        pres, self.posts = [], []
-        for prompt in cfg.model.prompts:
-            messages = [{"role": "system", "content": cfg.model.system_prompt}] if cfg.model.system_prompt else []
-            messages.append({"role": "user", "content": _QUERY_MARK + prompt})
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            before, after = text.split(_QUERY_MARK)
-            pres.append(tokenizer(before, add_special_tokens=False)["input_ids"])
-            self.posts.append(tokenizer(after, add_special_tokens=False)["input_ids"])
-        self.pre = pres[0]
-
-    def encode_report(self, report: str) -> list[int]:
-        ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens - 1]
-        return ids + [self.eos]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 class MedVLM(nn.Module):
@@ -69,7 +38,10 @@ class MedVLM(nn.Module):
         width = self.vision.width
         self.dem = (DiscriminationModule(width, self.n_labels, cfg.model.label_embed_dim)
                     if cfg.model.discrimination else None)
-        self.bridge = QFormerBridge(cfg.model, width, lm.get_input_embeddings().embedding_dim)
+        lm_width = lm.get_input_embeddings().embedding_dim
+        self.clues = (DiseaseClues(cfg.model, width, self.n_labels, lm_width, own_classifier=self.dem is None)
+                      if cfg.model.clues else None)
+        self.bridge = QFormerBridge(cfg.model, width, lm_width)
         self.prefix = None
         self.output_vocab: list[int] | None = None
         self.vocab_ids = self.vocab_lookup = None
@@ -79,7 +51,7 @@ class MedVLM(nn.Module):
 
     # ---- pieces shared by training and generation -------------------------------------------------------------
     def visual_queries(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cached trunk features -> (query embeddings (B, Q, D_lm), label logits (B, K) or None).
+        """Cached trunk features -> (soft LM input tokens (B, Q [+ K clues], D_lm), label logits (B, K) or None).
 
         features.multi_view concat: trunk features are (B, V, *trunk shape); each view goes through the tail on its
         own and the views' tokens are concatenated, (B, V*T, W), so the DEM pools and the Q-Former attends over
@@ -93,7 +65,24 @@ class MedVLM(nn.Module):
         logits = None
         if self.dem is not None:
             tokens, logits = self.dem(tokens)
-        return self.bridge(tokens), logits
+        clue_tokens = None
+        if self.clues is not None:
+            if logits is None:  # discrimination module off: the clue module's own classifier
+                logits = self.clues.logits(tokens)
+            tokens, clue_tokens = self.clues(tokens, torch.sigmoid(logits))
+        queries = self.bridge(tokens)
+        if clue_tokens is not None:
+            queries = torch.cat([queries, clue_tokens.to(queries.dtype)], dim=1)
+        return queries, logits
+
+    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None) -> list[list[int]]:
+        """Per-sample prompt ids after the soft tokens. With model.prior_prompt they list the *predicted* findings,
+        in training too: prompting with the true labels (teacher forcing) would leak the answer into the input, and
+        the model would learn to copy a prompt that at test time only the classifier can fill."""
+        if not self.layout.prior:
+            return [self.layout.posts[p] for p in prompt_index]
+        probs = torch.sigmoid(logits.detach().float()).cpu().tolist()
+        return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, probs)]
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
         return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
@@ -147,18 +136,19 @@ class MedVLM(nn.Module):
         device = queries.device
         pre = self.layout.pre
         prompt_index = prompt_index or [0] * batch
-        # Per-sample token ids after the query slot: prompt tail, then the report (right padded).
-        tails = [self.layout.posts[p] + r for p, r in zip(prompt_index, reports)]
+        # Per-sample token ids after the soft tokens: prompt tail, then the report (right padded).
+        posts = self.post_ids(prompt_index, logits)
+        tails = [post + r for post, r in zip(posts, reports)]
         length = len(pre) + n_query + max(len(t) for t in tails)
         ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)
         mask = torch.zeros((batch, length), dtype=torch.long)
         targets = torch.full((batch, length), -100, dtype=torch.long)
         start = len(pre) + n_query
-        for i, (p, report) in enumerate(zip(prompt_index, reports)):
+        for i, (post, report) in enumerate(zip(posts, reports)):
             ids[i, : len(pre)] = torch.tensor(pre, dtype=torch.long) if pre else ids[i, :0]
             ids[i, start : start + len(tails[i])] = torch.tensor(tails[i])
             mask[i, : start + len(tails[i])] = 1
-            report_start = start + len(self.layout.posts[p])
+            report_start = start + len(post)
             targets[i, report_start : report_start + len(report)] = torch.tensor(report)
         ids, mask, targets = ids.to(device), mask.to(device), targets.to(device)
         embeds = self.embed_ids(ids)

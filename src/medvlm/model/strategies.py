@@ -4,8 +4,9 @@
   lora        low-rank adapters (peft LoraConfig) injected into cfg.train.lora.target_modules of every layer;
   ptuning_v2  trainable key/value prefixes at every layer (peft PrefixTuningConfig / PrefixEncoder: P-Tuning v2).
 
-In every strategy the vision tail (when tune_vision_blocks > 0), the discrimination module, the Q-Former and the
-projections are trained. `check_strategy` runs before any model is built so a bad name or size fails at start.
+In every strategy the vision tail (when tune_vision_blocks > 0), the discrimination module, the clue module (when
+on), the Q-Former and the projections are trained. `check_strategy` runs before any model is built so a bad name
+or size fails at start.
 """
 
 from __future__ import annotations
