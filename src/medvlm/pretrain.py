@@ -101,10 +101,11 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, groups: torch.Tens
     for direction, scores in (("image_to_report", sim), ("report_to_image", sim.T)):
         hits = positive.gather(1, scores.argsort(dim=1, descending=True, stable=True))
         for k in ks:
-            out[f"{direction}_R@{k}"] = float(hits[:, :k].any(1).float().mean())
+            out[f"{direction}_R@{k}"] = round(float(hits[:, :k].any(1).double().mean()), 6)
     m = positive.sum(1).tolist()
     for k in ks:
-        out[f"chance_R@{k}"] = float(np.mean([1 - math.comb(n - mi, k) / math.comb(n, k) if k <= n else 1.0 for mi in m]))
+        chance = np.mean([1 - math.comb(n - mi, k) / math.comb(n, k) if k <= n else 1.0 for mi in m])
+        out[f"chance_R@{k}"] = round(float(chance), 6)
     return out
 
 
