@@ -135,7 +135,7 @@ def pipeline_flow(params: str = "params.yaml", overrides: list[str] | None = Non
     log = get_run_logger()
     stage = with_retries(stage_task, cfg)
     done: list[dict] = []
-    for name in ("synthesize", "validate", "split", "features"):
+    for name in ("synthesize", "validate", "split", "features", "pretrain_vision"):  # the last: a marker when off
         done.append(stage(name))
     strategies = list(cfg.train.strategies)
     gpus = steps.gpus()

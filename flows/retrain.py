@@ -1,6 +1,6 @@
 """Retraining on new data as a Prefect flow (deployment "retrain/medvlm-retrain", cron from retrain.cron):
 
-ingest data/incoming -> validate -> split -> features -> train@strategy -> train_labeler -> evaluate -> register
+ingest data/incoming -> validate -> split -> features [-> pretrain_vision] -> train@strategy -> train_labeler -> evaluate -> register
 (the registry's gate promotes the new model only if it beats the champion).
 
 The new data are not what params.yaml / dvc.lock describe, so this flow calls the stage functions directly on a
@@ -41,6 +41,9 @@ def retrain_config(cfg: Config) -> Config:
             "split": cfg.split.model_copy(update={"out_dir": str(ws / "data" / "split"), "use_official": True}),
             "features": cfg.features.model_copy(update={"out_dir": str(ws / "data" / "features")}),
             "train": cfg.train.model_copy(update={"out_dir": str(ws / "models")}),
+            "pretrain": cfg.pretrain.model_copy(update={
+                "out_dir": str(ws / "models" / "pretrain_vision"),
+                "metrics_file": str(ws / "reports" / "pretrain" / "pretrain_vision.json")}),
             "labeler": cfg.labeler.model_copy(update={"out_dir": str(ws / "models" / "labeler")}),
             "evaluate": cfg.evaluate.model_copy(update={"out_dir": str(ws / "reports")}),
         }
@@ -117,6 +120,7 @@ class RetrainSteps:
     validate: Callable = _stage("medvlm.data.validate", "run_validation")
     split: Callable = _stage("medvlm.data.split", "run_split")
     features: Callable = _stage("medvlm.features", "extract_features")
+    pretrain_vision: Callable = _stage("medvlm.pretrain", "pretrain_vision")
     train: Callable = _stage("medvlm.train", "train")
     train_labeler: Callable = _stage("medvlm.labeler", "train_labeler")
     evaluate: Callable = _stage("medvlm.evaluate", "evaluate")
@@ -141,6 +145,8 @@ def retrain_flow(params: str = "params.yaml", overrides: list[str] | None = None
     rcfg = retrain_config(cfg)
     for label in ("validate", "split", "features"):
         run(label, label, rcfg)
+    if rcfg.pretrain.enabled:  # train starts from the pre-trained tail: pre-train on the new data first
+        run("pretrain_vision", "pretrain_vision", rcfg)
     for strategy in rcfg.train.strategies:  # one after the other: retraining runs where the GPUs are not shared
         run(f"train@{strategy}", "train", rcfg, strategy)
     run("train_labeler", "train_labeler", rcfg)

@@ -51,8 +51,8 @@ def test_pipeline_runs_stages_in_order_and_reports(tmp_path, monkeypatch):
     metrics.mkdir(parents=True)
     (metrics / "lora.json").write_text(json.dumps({"CIDEr": {"value": 0.4, "ci": [0.3, 0.5]}, "BLEU_4": 0.1}))
     result = pipeline.pipeline_flow(params=params)
-    assert calls == ["synthesize", "validate", "split", "features", "train@freeze", "train@lora", "train_labeler",
-                     "evaluate@freeze", "evaluate@lora", "baseline@retrieval", "report", "register"]
+    assert calls == ["synthesize", "validate", "split", "features", "pretrain_vision", "train@freeze", "train@lora",
+                     "train_labeler", "evaluate@freeze", "evaluate@lora", "baseline@retrieval", "report", "register"]
     assert "| lora | 0.4000 | [0.3000, 0.5000] | 0.1000 |" in result["results"]
     assert "| freeze | (no metrics) |" in result["results"]
 

@@ -1,6 +1,7 @@
 """The training loop: outputs, determinism, resume after a kill, Predictor round trip, early config errors."""
 
 import csv
+from pathlib import Path
 import json
 
 import pytest
@@ -175,3 +176,68 @@ def test_prompt_template_off_trains_with_several_prompts_listed(tmp_path):
     write_cached_split(cfg)
     summary = train(cfg, "freeze")
     assert summary["steps"] == summary["total_steps"]
+
+
+# ---------------------------------------------------------------- multistage (ClinicalBLIP): one loop, two stages
+MULTISTAGE = {"multistage": {"enabled": True, "stage1_epochs": 1, "stage2_epochs": 1}}
+
+
+def _initial_trainable(cfg, strategy):
+    """The weights train() starts from (same seed, same construction order)."""
+    from medvlm.model.medvlm import MedVLM
+
+    torch.manual_seed(cfg.seed)
+    return MedVLM(cfg, strategy).trainable_state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["lora", "freeze"])
+def test_multistage_freezes_the_lm_side_in_stage_one_only(tmp_path, strategy):
+    cfg = tiny_config(tmp_path, train=MULTISTAGE)  # 8 studies / batch 2: 4 steps per stage
+    write_cached_split(cfg)
+    init = _initial_trainable(cfg, strategy)
+    lm_side = [k for k in init if k.startswith("lm.")]
+    assert lm_side and (strategy != "lora" or all("lora_" in k for k in lm_side))
+    assert train(cfg, strategy, stop_after=4)["stopped_early"]  # checkpoint at the stage boundary
+    stage1 = torch.load(tmp_path / "checkpoints" / strategy / "checkpoint.pt", weights_only=True)
+    assert stage1["step"] == 4 and stage1["stage"] == 0 and stage1["trainable"].keys() == init.keys()
+    assert all(torch.equal(stage1["trainable"][k], init[k]) for k in lm_side)  # LoRA / LM layer untouched
+    changed = {k for k in init if not torch.equal(stage1["trainable"][k], init[k])}
+    assert any(k.startswith("vision.tail.") for k in changed) and any(k.startswith("bridge.") for k in changed)
+    summary = train(cfg, strategy)
+    assert summary["resumed_from"] == 4 and summary["steps"] == summary["total_steps"] == 8
+    assert [s["steps"] for s in summary["stages"]] == [4, 4]
+    final = _weights(cfg, strategy)
+    assert all(not torch.equal(final[k], stage1["trainable"][k]) for k in lm_side)  # stage 2 trains the LM side
+
+
+@pytest.fixture(scope="module")
+def multistage_whole(tmp_path_factory):
+    """6 uninterrupted lora steps over a stage boundary at step 4 (batch 1 x accumulation 2, 8 studies)."""
+    tmp = tmp_path_factory.mktemp("whole")
+    cfg = tiny_config(tmp, train={**MULTISTAGE, "max_steps": 6, "checkpoint_every": 2, "grad_accum": 2, "batch_size": 1})
+    write_cached_split(cfg)
+    train(cfg, "lora")
+    return cfg
+
+
+@pytest.mark.parametrize("stop_after, resumed_from", [(3, 2), (5, 4)])  # resume inside stage 1 / at the boundary
+def test_multistage_resume_across_the_boundary_ends_bit_identical(tmp_path, multistage_whole, stop_after, resumed_from):
+    killed = tiny_config(tmp_path, train={**MULTISTAGE, "max_steps": 6, "checkpoint_every": 2, "grad_accum": 2,
+                                          "batch_size": 1})
+    write_cached_split(killed)
+    assert train(killed, "lora", stop_after=stop_after)["stopped_early"]
+    summary = train(killed, "lora")
+    assert summary["resumed_from"] == resumed_from and summary["steps"] == 6
+    a, b = _weights(multistage_whole, "lora"), _weights(killed, "lora")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = lambda cfg: [line.rsplit(",", 1)[0] for line in (Path(cfg.train.out_dir) / "lora" / "train_log.csv").read_text().splitlines()]
+    assert log(multistage_whole) == log(killed)
+
+
+def test_multistage_settings_change_the_signature_only_when_enabled(tmp_path):
+    from medvlm.train import run_signature
+
+    base = tiny_config(tmp_path)
+    off = tiny_config(tmp_path, train={"multistage": {"enabled": False, "stage1_epochs": 7}})
+    on = tiny_config(tmp_path, train=MULTISTAGE)
+    assert run_signature(base, "lora") == run_signature(off, "lora") != run_signature(on, "lora")

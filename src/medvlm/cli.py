@@ -127,6 +127,15 @@ def train(
     _print_summary(run(_config(), strategy, resume=resume))
 
 
+@app.command("pretrain-vision")
+@user_errors
+def pretrain_vision() -> None:
+    """Contrastive (CLIP-style) pre-training of the vision tail against report text; off unless pretrain.enabled."""
+    from medvlm.pretrain import pretrain_vision as run
+
+    _print_summary(run(_config()))
+
+
 @app.command("train-labeler")
 @user_errors
 def train_labeler() -> None:

@@ -160,6 +160,14 @@ class PTuningConfig(_Section):
     prefix_projection: bool = False  # reparameterise the prefixes through a 2-layer MLP (P-Tuning v2's option)
 
 
+class MultistageConfig(_Section):
+    """ClinicalBLIP-style staged fine-tuning inside one `medvlm train` run (any strategy, meant for lora)."""
+
+    enabled: bool = False
+    stage1_epochs: int = Field(3, ge=1)  # vision tail + discrimination module + Q-Former + projections; LM frozen
+    stage2_epochs: int = Field(3, ge=1)  # + the strategy's LM-side parameters (LoRA adapters); fresh optimizer
+
+
 Strategy = Literal["freeze", "lora", "ptuning_v2"]
 
 
@@ -181,6 +189,31 @@ class TrainConfig(_Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     ptuning_v2: PTuningConfig = Field(default_factory=PTuningConfig)
+    # when enabled, the run lasts stage1_epochs + stage2_epochs and `epochs` is not used
+    multistage: MultistageConfig = Field(default_factory=MultistageConfig)
+
+
+class PretrainConfig(_Section):
+    """CLIP-style contrastive pre-training of the vision tail against frozen MiniLM report embeddings (TRRG)."""
+
+    enabled: bool = False  # run the pretrain_vision stage and start `medvlm train` from its vision tail
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=2)  # in-batch negatives: InfoNCE needs at least two pairs
+    lr: float = Field(1e-3, gt=0)  # projection heads and temperature
+    vision_lr: float = Field(1e-4, gt=0)  # the pretrained (ImageNet) vision tail: smaller steps
+    weight_decay: float = Field(0.01, ge=0)
+    embed_dim: int = Field(256, ge=8)  # shared image-text embedding width
+    temperature: float = Field(0.07, gt=0, le=1)  # initial softmax temperature (CLIP's)
+    learn_temperature: bool = True
+    label_prompt: str = "findings of {label}"  # zero-shot label prompt; {label} = label name, '_' -> ' '
+    out_dir: str = "models/pretrain_vision"
+    metrics_file: str = "reports/pretrain/pretrain_vision.json"
+
+    @model_validator(mode="after")
+    def _prompt_has_slot(self) -> "PretrainConfig":
+        if "{label}" not in self.label_prompt:
+            raise ValueError(f"pretrain.label_prompt {self.label_prompt!r} has no {{label}} slot")
+        return self
 
 
 class GenerateConfig(_Section):
@@ -303,6 +336,7 @@ class Config(_Section):
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     labeler: LabelerConfig = Field(default_factory=LabelerConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

@@ -5,6 +5,11 @@ Optimiser: AdamW with two groups (new modules cfg.train.lr, LM-side parameters c
 cosine decay, gradient clipping and accumulation. Accelerate places the model (CPU: fp32; GPU: bf16 autocast and
 gradient checkpointing); multi-GPU: `accelerate launch -m medvlm.cli train --strategy lora`.
 
+Multistage (train.multistage, ClinicalBLIP): the same loop in stages. Stage 1 trains the vision tail, the
+discrimination module, the Q-Former and the projections with the LM side (LoRA adapters, trained LM layers,
+prefixes) frozen by a requires_grad mask; stage 2 adds the LM side with a fresh optimizer and LR schedule.
+Pre-trained vision (pretrain.enabled): the tail starts from the pretrain_vision stage's weights.
+
 Reproducibility: the seed fixes initialisation, the epoch's data order (a generator seeded by seed + epoch) and the
 dropout RNG. Every cfg.train.checkpoint_every steps trainable weights, optimiser, scheduler, RNG state, step and the
 log so far go to <checkpoint_dir>/<strategy>/checkpoint.pt; a re-run after a kill resumes there and ends bit-for-bit
@@ -27,11 +32,12 @@ from safetensors.torch import save_file
 
 from medvlm import __version__
 from medvlm.config import Config
-from medvlm.errors import DataError
+from medvlm.errors import ConfigError, DataError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
+from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
 
 LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
@@ -62,11 +68,33 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
     return TrainData(features, reports, torch.tensor(labels), ids)
 
 
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    start: int  # first optimizer step of the stage
+    end: int  # one past its last
+    train_lm: bool  # whether the strategy's LM-side parameters train in this stage
+
+
+def stage_plan(cfg: Config, per_epoch: int, total: int) -> list[Stage]:
+    """The run's stages: one, or (train.multistage) LM frozen for stage1_epochs, then everything."""
+    if not cfg.train.multistage.enabled:
+        return [Stage("all", 0, total, True)]
+    boundary = min(total, cfg.train.multistage.stage1_epochs * per_epoch)
+    stages = [Stage("lm_frozen", 0, boundary, False), Stage("lm_trained", boundary, total, True)]
+    return [s for s in stages if s.end > s.start]
+
+
 def run_signature(cfg: Config, strategy: str) -> str:
     """Everything that changes the result of a run; a checkpoint of another signature is not resumed."""
-    train = cfg.train.model_dump(exclude={"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies"})
-    blob = json.dumps([strategy, cfg.seed, cfg.model.model_dump(), train, cfg.data.label_names,
-                       feature_signature(cfg)], sort_keys=True)
+    exclude = {"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies"}
+    if not cfg.train.multistage.enabled:  # off, its settings change nothing (and old checkpoints stay valid)
+        exclude.add("multistage")
+    parts = [strategy, cfg.seed, cfg.model.model_dump(), cfg.train.model_dump(exclude=exclude), cfg.data.label_names,
+             feature_signature(cfg)]
+    if cfg.pretrain.enabled:  # the vision tail's starting point
+        parts.append({"pretrained_vision": pretrained_tail_digest(cfg)})
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -103,7 +131,8 @@ def schedule(cfg: Config, n: int, world: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
     per_epoch = math.ceil(n / per_step)
-    total = per_epoch * cfg.train.epochs
+    ms = cfg.train.multistage
+    total = per_epoch * (ms.stage1_epochs + ms.stage2_epochs if ms.enabled else cfg.train.epochs)
     return per_epoch, min(total, cfg.train.max_steps) if cfg.train.max_steps else total
 
 
@@ -115,87 +144,103 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda else "no")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.train.multistage.enabled and world > 1:  # DDP fixes the set of parameters with gradients at wrap time
+        raise ConfigError("train.multistage is single-process only (DDP cannot change the trained parameters mid-run)")
     cached = load_features(cfg, "train")  # missing / stale features fail before the LM is loaded
+    signature = run_signature(cfg, strategy)  # a missing pre-trained tail fails here, before the LM is loaded
     torch.manual_seed(cfg.seed)
     model = MedVLM(cfg, strategy)
+    vision_init = load_pretrained_tail(cfg, model.vision) if cfg.pretrain.enabled else "imagenet"
     data = load_train_data(cfg, model, cached=cached)
     if cfg.model.closed_vocab:
         model.set_output_vocab([t for report in data.reports for t in report])
     if cuda:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = build_optimizer(model, cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    lm_names = lm_adapter_parameter_names(model)  # before any stage mask: the strategy's LM side
     per_epoch, total = schedule(cfg, len(data.reports), world)
-    warmup = max(1, round(cfg.train.warmup_ratio * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    stages = stage_plan(cfg, per_epoch, total)
+    model = accelerator.prepare_model(model)
     core: MedVLM = accelerator.unwrap_model(model)
 
     ckpt_dir = Path(cfg.train.checkpoint_dir) / strategy
-    signature = run_signature(cfg, strategy)
-    step, log_rows, resumed_from = 0, [], None
+    step, log_rows, resumed_from, state = 0, [], None, None
     ckpt_path = ckpt_dir / CHECKPOINT
     if resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state["signature"] == signature:
             core.load_trainable_state_dict(state["trainable"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"])
             step, log_rows, resumed_from = state["step"], state["log"], state["step"]
             accelerator.print(f"resuming {strategy} from {ckpt_path} at step {step}/{total}")
         else:
             accelerator.print(f"{ckpt_path}: made with other settings, starting {strategy} afresh")
+            state = None
 
-    n_trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for n, p in core.named_parameters() if n in core.trainable_names)
     micro = cfg.train.batch_size
     window_samples, window_start, seen_tokens = 0, time.perf_counter(), 0
     model.train()
     with mlflow_run(cfg, run_name=f"train-{strategy}", tags={"stage": "train", "strategy": strategy}) as run:
         log_params(run, {"strategy": strategy, "trainable_params": n_trainable, "total_steps": total,
+                         "pretrain.enabled": cfg.pretrain.enabled, "vision_init": vision_init,
                          **flatten(cfg.model.model_dump(), "model."), **flatten(cfg.train.model_dump(), "train.")})
         with _progress(accelerator, total, step, strategy) as (progress, task):
-            while step < total:
-                epoch, in_epoch = divmod(step, per_epoch)
-                order, prompts = epoch_order(cfg, len(data.reports), epoch)
-                sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
-                for k in range(cfg.train.grad_accum):
-                    first = (in_epoch * cfg.train.grad_accum + k) * micro * world
-                    idx = order[first : first + micro * world][rank::world]
-                    if len(idx) == 0:
-                        continue
-                    with accelerator.autocast():
-                        out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
-                                    data.labels[idx], [int(prompts[i]) for i in idx])
-                    accelerator.backward(out["loss"] / cfg.train.grad_accum)
-                    for key in sums:
-                        if key in out:
-                            sums[key] += float(out[key].detach()) / cfg.train.grad_accum
-                    window_samples += len(idx) * world
-                    seen_tokens += int(out["tokens"])
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.train.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                elapsed = time.perf_counter() - window_start
-                rate = window_samples / max(elapsed, 1e-9)
-                progress.update(task, advance=1, loss=sums["loss"], rate=rate)
-                if step % cfg.train.log_every == 0 or step == total:
-                    row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in sums.items()},
-                           "lr": lr, "samples_per_s": round(rate, 3)}
-                    log_rows.append(row)
-                    log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")}, step)
-                    if not progress.console.is_terminal:  # DVC / CI logs: a line per log step instead of a bar
-                        accelerator.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
-                                          f"lr {lr:.2e} {rate:.2f} samples/s", flush=True)
-                    window_samples, window_start = 0, time.perf_counter()
-                if step % cfg.train.checkpoint_every == 0 or step == total:
-                    if accelerator.is_main_process:
-                        _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature)
-                if stop_after is not None and step >= stop_after and step < total:
-                    return {"strategy": strategy, "steps": step, "stopped_early": True}
+            for stage_index, stage in enumerate(stages):
+                if step >= stage.end:
+                    continue
+                _set_stage_mask(core, stage, lm_names)
+                optimizer, scheduler = _stage_optimizer(core, cfg, stage)
+                if state is not None and state.get("stage", 0) == stage_index:  # resumed inside this stage
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                state = None  # a checkpoint from an earlier stage holds that stage's optimizer: start afresh
+                optimizer = accelerator.prepare_optimizer(optimizer)
+                trained = [p for p in model.parameters() if p.requires_grad]
+                if len(stages) > 1:
+                    accelerator.print(f"{strategy} stage {stage.name}: steps {stage.start + 1}..{stage.end}, "
+                                      f"{sum(p.numel() for p in trained)} parameters train", flush=True)
+                while step < stage.end:
+                    epoch, in_epoch = divmod(step, per_epoch)
+                    order, prompts = epoch_order(cfg, len(data.reports), epoch)
+                    sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
+                    for k in range(cfg.train.grad_accum):
+                        first = (in_epoch * cfg.train.grad_accum + k) * micro * world
+                        idx = order[first : first + micro * world][rank::world]
+                        if len(idx) == 0:
+                            continue
+                        with accelerator.autocast():
+                            out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
+                                        data.labels[idx], [int(prompts[i]) for i in idx])
+                        accelerator.backward(out["loss"] / cfg.train.grad_accum)
+                        for key in sums:
+                            if key in out:
+                                sums[key] += float(out[key].detach()) / cfg.train.grad_accum
+                        window_samples += len(idx) * world
+                        seen_tokens += int(out["tokens"])
+                    accelerator.clip_grad_norm_(trained, cfg.train.max_grad_norm)
+                    lr = scheduler.get_last_lr()[0]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_samples / max(elapsed, 1e-9)
+                    progress.update(task, advance=1, loss=sums["loss"], rate=rate)
+                    if step % cfg.train.log_every == 0 or step == total:
+                        row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in sums.items()},
+                               "lr": lr, "samples_per_s": round(rate, 3)}
+                        log_rows.append(row)
+                        log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")}, step)
+                        if not progress.console.is_terminal:  # DVC / CI logs: a line per log step instead of a bar
+                            accelerator.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
+                                              f"lr {lr:.2e} {rate:.2f} samples/s", flush=True)
+                        window_samples, window_start = 0, time.perf_counter()
+                    if step % cfg.train.checkpoint_every == 0 or step == total:
+                        if accelerator.is_main_process:
+                            _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature, stage_index)
+                    if stop_after is not None and step >= stop_after and step < total:
+                        return {"strategy": strategy, "steps": step, "stopped_early": True}
         out_dir = Path(cfg.train.out_dir) / strategy
         summary = {
             "strategy": strategy, "steps": step, "total_steps": total, "trainable_params": n_trainable,
@@ -203,6 +248,10 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
             "final_loss": log_rows[-1]["loss"] if log_rows else None, "train_samples": len(data.reports),
             "out_dir": str(out_dir), "run_id": run.info.run_id if run is not None else None,
         }
+        if len(stages) > 1:
+            summary["stages"] = [{"name": s.name, "steps": s.end - s.start} for s in stages]
+        if cfg.pretrain.enabled:
+            summary["vision_init"] = vision_init
         if accelerator.is_main_process:
             paths = save_trained(core, cfg, strategy, out_dir, log_rows, summary)
             log_artifacts(run, [paths["config"], paths["log"]])
@@ -210,11 +259,26 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     return summary
 
 
-def _save_checkpoint(path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list, signature: str) -> None:
+def _set_stage_mask(model: MedVLM, stage: Stage, lm_names: set[str]) -> None:
+    """requires_grad for a stage: the strategy's trainable set, minus its LM side while the LM is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in model.trainable_names and (stage.train_lm or name not in lm_names))
+
+
+def _stage_optimizer(model: MedVLM, cfg: Config, stage: Stage):
+    """AdamW over what trains in this stage; warmup + cosine over the stage's own steps."""
+    optimizer = build_optimizer(model, cfg)
+    length = stage.end - stage.start
+    warmup = max(1, round(cfg.train.warmup_ratio * length))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, length))
+
+
+def _save_checkpoint(path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list, signature: str,
+                     stage: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "log": log_rows,
-             "signature": signature}
+             "signature": signature, "stage": stage}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: a kill during the write keeps the previous checkpoint

@@ -48,6 +48,9 @@ class MedVLM(nn.Module):
         apply_strategy(self, cfg, strategy)
         self.vision.trunk.requires_grad_(False)
         self.vision.tail.requires_grad_(cfg.model.tune_vision_blocks > 0)
+        # What this strategy trains and saves. A training stage may switch part of it off for a while
+        # (train.multistage freezes the LM side first); checkpoints and saved weights still hold all of it.
+        self.trainable_names = frozenset(n for n, p in self.named_parameters() if p.requires_grad)
 
     # ---- pieces shared by training and generation -------------------------------------------------------------
     def visual_queries(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -177,10 +180,10 @@ class MedVLM(nn.Module):
 
     # ---- trainable weights -------------------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        return {n: p.detach().contiguous() for n, p in self.named_parameters() if n in self.trainable_names}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {n for n, p in self.named_parameters() if p.requires_grad}
+        expected = set(self.trainable_names)
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:
             raise ModelError(f"trainable weights do not fit the model (missing {sorted(missing)[:3]}, "
