@@ -150,7 +150,7 @@ def test_compare_document_checks_goals_and_prints_anchors(tmp_path):
 def test_register_best_picks_the_best_full_cell_of_the_first_seed(tmp_path, monkeypatch):
     import medvlm.registry
 
-    cfg = _cfg(tmp_path, register=True)
+    cfg = _cfg(tmp_path, register_best=True)
     for cell in ex.cells(cfg):
         cider = {"freeze/full/seed0": 1.2, "lora/full/seed0": 1.4, "freeze/no_disc/seed0": 9.0,
                  "freeze/full/seed1": 5.0}.get(cell.key)

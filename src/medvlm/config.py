@@ -318,7 +318,7 @@ class ExperimentConfig(_Section):
     factorial: bool = False  # every combination of the ablations instead of one switch at a time
     baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
         default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"])
-    register: bool = False  # register the best full model of the first seed (register.model_name) when done
+    register_best: bool = False  # register the best full model of the first seed (register.model_name) when done
     goals: dict[str, dict[str, float]] = Field(default_factory=dict)  # experiment name -> {metric: minimum}
     anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
 

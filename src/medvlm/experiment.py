@@ -183,7 +183,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
         timed(f"train {cell.key}", train, ccfg, cell.strategy)
         timed(f"evaluate {cell.key}", evaluate, ccfg, cell.strategy)
     table = write_results(cfg)
-    registered = register_best(cfg) if cfg.experiment.register else None
+    registered = register_best(cfg) if cfg.experiment.register_best else None
     timing_path = root / "timings.json"
     previous = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
     timing_path.write_text(json.dumps({**previous, **timings}, indent=1))
