@@ -81,7 +81,8 @@ cov-ctr: install
 	test -f $(COV_CTR)/annotation.jsonl || medvlm data fetch cov-ctr --dest $(COV_CTR)
 	medvlm -o params/cov_ctr.yaml -S data.root=$(COV_CTR) -S data.group_by=source -S experiment.name=cov_ctr_grouped $(COV_CTR_OPTS) experiment run
 	medvlm -o params/cov_ctr.yaml -S data.root=$(COV_CTR) -S data.group_by=image_hash -S experiment.name=cov_ctr_random $(COV_CTR_OPTS) experiment run
-	medvlm -o params/cov_ctr.yaml experiment compare cov_ctr_random cov_ctr_grouped --out reports/results_cov_ctr.md --title "COV-CTR results"
+	medvlm -o params/cov_ctr.yaml experiment compare cov_ctr_random cov_ctr_grouped --out reports/results_cov_ctr.md --title "COV-CTR results" \
+	  --note "Profile: params.yaml + params/cov_ctr.yaml $(COV_CTR_OPTS) (CPU default: 4 of 30 SmolLM2 layers, cached trunk features; params/gpu.yaml on a GPU)."
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py

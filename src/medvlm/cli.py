@@ -204,11 +204,12 @@ def experiment_compare(
     names: list[str] = typer.Argument(..., help="experiment names under experiment.out_root"),
     out: Path = typer.Option(Path("reports/experiments.md"), help="markdown file to write"),
     title: str = typer.Option("Experiments", help="document title"),
+    note: list[str] = typer.Option([], "--note", help="a paragraph under the title (repeatable)"),
 ) -> None:
     """One document over several experiments, published figures beside ours, goals checked."""
     from medvlm.experiment_report import compare_experiments
 
-    typer.echo(str(compare_experiments(_config(), names, out, title)))
+    typer.echo(str(compare_experiments(_config(), names, out, title, notes=note)))
 
 
 # ---------------------------------------------------------------- lifecycle

@@ -63,7 +63,12 @@ def goal_checks(result: dict, goals: dict[str, float]) -> list[dict]:
 
 
 def compare_experiments(cfg: Config, names: list[str], out: Path, title: str, notes: list[str] | None = None) -> Path:
-    lines = [f"# {title}", ""] + [*(notes or []), ""]
+    lines = [f"# {title}", ""] + [f"{n}\n" for n in notes or []] + [
+        "Ours: value [95% bootstrap CI over test images] (several seeds: mean [t-interval over seeds]). "
+        "BLEU/METEOR/ROUGE-L/CIDEr: pycocoevalcap on the English reports, R2Gen preprocessing. medvlm_*: the MedVLM "
+        "paper's per-report nltk convention applied to our *English* output (the paper's figures are on Chinese "
+        "reports). CE_*: the report labeler on the generated text vs the test labels; DEM_*: the discrimination "
+        "module's own prediction from the image. `A − x`: strategy A re-trained with switch x flipped.", ""]
     for name in names:
         result = _load(cfg, name)
         rows = result["rows"]
