@@ -164,3 +164,11 @@ def test_register_best_picks_the_best_full_cell_of_the_first_seed(tmp_path, monk
     # ablation variants and later seeds never get registered: lora (1.4) beats freeze (1.2) among seed-0 full models
     assert seen[0].train.strategies == ["lora"]
     assert Path(seen[0].train.out_dir) == tmp_path / "t/cells/lora/full/seed0/models"
+
+
+def test_settings_added_later_do_not_make_an_experiment_stale():
+    stored = {"data": {"root": "d", "source": "jsonl"}, "features": {"image_size": 224}}
+    newer = {"data": {"root": "d", "source": "jsonl", "report_labeler": "basic"}, "features": {"image_size": 224}}
+    assert ex._restricted(newer, stored) == stored
+    changed = {"data": {"root": "other", "source": "jsonl", "report_labeler": "basic"}, "features": {"image_size": 224}}
+    assert ex._restricted(changed, stored) != stored

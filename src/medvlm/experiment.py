@@ -79,8 +79,19 @@ def shared_config(cfg: Config) -> Config:
 def shared_signature(shared: Config) -> dict:
     """The settings the shared stages read; a change re-runs them."""
     dump = shared.model_dump(mode="json", by_alias=True)
+    for dotted in _SHARED_OUTPUTS:  # where the outputs live is not what they were computed from
+        section, key = dotted.split(".")
+        dump[section].pop(key, None)
     return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
         "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]]}
+
+
+def _restricted(new, old):
+    """`new` limited to the keys `old` has: a setting added to medvlm since the experiment ran (its default keeps the
+    old behaviour) does not make the experiment stale; a changed value of a known setting does."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: _restricted(new[k], old[k]) for k in old if k in new} if set(old) <= set(new) else new
+    return new
 
 
 def baseline_config(cfg: Config) -> Config:
@@ -163,7 +174,12 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
 
     root = experiment_root(cfg)
     stamp_path, stamp = root / "shared_stages.json", shared_signature(shared)
-    if not stamp_path.is_file() or json.loads(stamp_path.read_text()) != stamp:
+    stored = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
+    if stored is not None:  # stamps of older versions also recorded the output folders
+        for dotted in _SHARED_OUTPUTS:
+            section, key = dotted.split(".")
+            stored.get(section, {}).pop(key, None)
+    if stored is None or _restricted(stamp, stored) != stored:
         if stamp_path.is_file() and any((root / d).exists() for d in ("cells", "baselines")):
             raise ConfigError(f"{root}: this experiment was run with other data/feature/labeler settings "
                               f"(see {stamp_path.name}); pick another experiment.name or delete the folder")
