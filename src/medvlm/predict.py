@@ -69,18 +69,27 @@ def run_predictions(
     from medvlm.data.images import load_image
 
     outcome = Outcome()
-    if study:
+
+    def decode(paths: list[Path]) -> tuple[list, list[Path]]:
+        """Images of the decodable paths (and those paths); the others become one-line failures."""
         images, kept = [], []
-        for path in files:
+        for path in paths:
             try:
                 images.append(load_image(path, max_pixels=cfg.validation.max_image_pixels))
                 kept.append(path)
             except DataError as exc:
                 outcome.failures.append(str(exc))
+        return images, kept
+
+    def rounded(pred: dict) -> dict:
+        return {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}
+
+    if study:
+        images, kept = decode(files)
         if images:
             pred = predictor.predict_studies([images])[0]
             outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
-                                    "probabilities": {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}})
+                                    "probabilities": rounded(pred)})
         return outcome
     batch_size = cfg.generate.batch_size
     progress = Progress(
@@ -91,19 +100,10 @@ def run_predictions(
         task = progress.add_task("generate", total=len(files))
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
-            images, kept = [], []
-            for path in batch:
-                try:
-                    images.append(load_image(path, max_pixels=cfg.validation.max_image_pixels))
-                    kept.append(path)
-                except DataError as exc:
-                    outcome.failures.append(str(exc))
+            images, kept = decode(batch)
             if images:
                 for path, pred in zip(kept, predictor.predict(images)):
-                    outcome.results.append(
-                        {"path": str(path), "report": pred["report"],
-                         "probabilities": {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}}
-                    )
+                    outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred)})
             progress.advance(task, len(batch))
     return outcome
 
