@@ -117,6 +117,38 @@ def test_run_skips_finished_cells_and_aggregates_seeds(tmp_path, monkeypatch):
         ex.run_experiment(moved, log=lambda *_: None)
 
 
+def test_a_pretrain_variant_pretrains_in_its_cell_before_training(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, seeds=[0], baselines=[], ablations={"pretrained": {"pretrain.enabled": True}})
+    ex.experiment_root(cfg).mkdir(parents=True)
+    (ex.experiment_root(cfg) / "shared_stages.json").write_text(json.dumps(ex.shared_signature(ex.shared_config(cfg))))
+    calls = []
+
+    def fake_pretrain(c):
+        calls.append(("pretrain", c.seed, c.pretrain.out_dir))
+        Path(c.pretrain.out_dir).mkdir(parents=True)
+        (Path(c.pretrain.out_dir) / "config.json").write_text("{}")
+
+    def fake_train(c, strategy):
+        calls.append(("train", strategy, c.pretrain.enabled))
+
+    def fake_evaluate(c, name):
+        path = Path(c.evaluate.out_dir) / "metrics" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_fake_result(1.0)))
+
+    import medvlm.evaluate
+    import medvlm.pretrain
+    import medvlm.train
+
+    monkeypatch.setattr(medvlm.pretrain, "pretrain_vision", fake_pretrain)
+    monkeypatch.setattr(medvlm.train, "train", fake_train)
+    monkeypatch.setattr(medvlm.evaluate, "evaluate", fake_evaluate)
+    ex.run_experiment(cfg, only=["freeze/full", "freeze/pretrained"], log=lambda *_: None)
+    cell_models = tmp_path / "t/cells/freeze/pretrained/seed0/models"
+    assert calls == [("train", "freeze", False), ("pretrain", 0, str(cell_models / "pretrain_vision")),
+                     ("train", "freeze", True)]
+
+
 def test_results_refuse_mixed_test_splits(tmp_path):
     cfg = _cfg(tmp_path, seeds=[0])
     for cell, data_hash in zip(ex.cells(cfg)[:2], ["a", "b"]):

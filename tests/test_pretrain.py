@@ -1,5 +1,6 @@
 """Contrastive vision pre-training: loss and recall@k arithmetic, the stage (off: a fixed marker; on: retrieval
-improves), `medvlm train` starting from the pre-trained tail, zero-shot label similarity."""
+improves), `medvlm train` starting from the pre-trained tail, zero-shot label similarity and the zero-shot clue
+source (model.clue_source=zero_shot)."""
 
 import json
 from pathlib import Path
@@ -9,12 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_medvlm import tiny_config, write_cached_split
 
-from medvlm.errors import ModelError
+from medvlm.config import config_from_dict
+from medvlm.errors import ConfigError, ModelError
 from medvlm.features import feature_signature
+from medvlm.inference import Predictor
 from medvlm.model.vision import build_vision
 from medvlm.pretrain import (
     TAIL_FILE, contrastive_loss, label_prompts, load_aligner, load_pretrained_tail, pretrain_vision,
-    pretrained_tail_digest, retrieval_recall, text_groups, zero_shot_label_similarity,
+    pretrained_tail_digest, retrieval_recall, text_groups, zero_shot_label_similarity, zero_shot_logits,
+    zero_shot_prompt_embeddings,
 )
 from medvlm.train import train
 
@@ -132,3 +136,42 @@ def test_zero_shot_label_similarity(pretrained):
         prompts = torch.tensor(encoder.encode(["findings of pneumonia", "findings of effusion"]), dtype=torch.float32)
         expected = aligner.image_embeddings(feats) @ aligner.text_embeddings(prompts).T
     assert torch.allclose(torch.from_numpy(sim), expected, atol=1e-5)
+
+
+def test_zero_shot_clues_need_the_contrastive_encoder():
+    with pytest.raises(ConfigError, match="pretrain.enabled"):
+        config_from_dict({"model": {"clues": True, "clue_source": "zero_shot"}})
+    with pytest.raises(ConfigError, match="negative_prompt"):
+        config_from_dict({"pretrain": {"negative_prompt": "nothing"}})
+
+
+def test_zero_shot_clue_source_trains_frozen_and_travels_with_the_model(pretrained, tmp_path):
+    """clue_source zero_shot: the clue probabilities are the aligner's binary zero-shot scores (not trained), the
+    source's weights are saved with the trained weights, and the trained model runs without the pretrain folder."""
+    cfg, _, encoder = pretrained
+    metrics = json.loads(Path(cfg.pretrain.metrics_file).read_text())
+    assert set(metrics["zero_shot_auroc"]) == set(cfg.data.label_names)
+    assert all(v is None or 0.0 <= v <= 1.0 for v in metrics["zero_shot_auroc"].values())
+    runs = {"max_steps": 3, "checkpoint_every": 10, "out_dir": str(tmp_path / "models"),
+            "checkpoint_dir": str(tmp_path / "ckpt")}
+    zcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=runs), "model": cfg.model.model_copy(
+        update={"clues": True, "clue_source": "zero_shot", "discrimination": False, "clue_heads": 2})})
+    train(zcfg, "freeze")
+    saved = load_file(tmp_path / "models" / "freeze" / "trainable.safetensors")
+    zero_shot = {k: v for k, v in saved.items() if k.startswith("clues.zero_shot.")}
+    assert zero_shot and not any(k.startswith("clues.classifier") for k in saved)  # no supervised head of its own
+    aligner = load_aligner(cfg)
+    tail = aligner.vision.tail.state_dict()
+    assert all(torch.equal(zero_shot[f"clues.zero_shot.tail.{k}"], v) for k, v in tail.items())  # frozen
+    feats = load_file(Path(cfg.features.out_dir) / "test.safetensors")["features"][:6]
+    expected = torch.sigmoid(zero_shot_logits(aligner, zero_shot_prompt_embeddings(
+        aligner, encoder, cfg.data.label_names, cfg.pretrain), feats))
+    moved = Path(cfg.pretrain.out_dir).rename(tmp_path / "pretrain_elsewhere")
+    try:
+        predictor = Predictor.load(tmp_path / "models" / "freeze")
+        rows = predictor.predict_features(feats)
+    finally:
+        moved.rename(cfg.pretrain.out_dir)
+    got = torch.tensor([[r["probabilities"][n] for n in cfg.data.label_names] for r in rows])
+    assert torch.allclose(got, expected, atol=1e-3)  # probabilities are rounded for output
+    assert not torch.allclose(expected, torch.full_like(expected, 0.5), atol=1e-3)  # they carry something

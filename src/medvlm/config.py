@@ -114,8 +114,9 @@ class ModelConfig(_Section):
     clues: bool = False
     # Where the clue probabilities come from. "classifier": the discrimination module's classifier when
     # model.discrimination is on, else a linear head owned by the clue module, trained with the same BCE loss.
-    # (A zero-shot image-text similarity source would be another value here.)
-    clue_source: Literal["classifier"] = "classifier"
+    # "zero_shot": image-text similarity of the contrastive encoder (pretrain_vision stage, pretrain.enabled) to a
+    # positive and a negative prompt per label (pretrain.label_prompt / negative_prompt); no label supervision.
+    clue_source: Literal["classifier", "zero_shot"] = "classifier"
     clue_dim: int = Field(64, ge=1)  # width of a clue embedding
     clue_heads: int = Field(4, ge=1)  # heads of the visual-token -> clue cross-attention (must divide the visual width)
     clue_interaction: bool = True  # with clues on: cross-attention visual tokens -> clues before the Q-Former
@@ -206,13 +207,15 @@ class PretrainConfig(_Section):
     temperature: float = Field(0.07, gt=0, le=1)  # initial softmax temperature (CLIP's)
     learn_temperature: bool = True
     label_prompt: str = "findings of {label}"  # zero-shot label prompt; {label} = label name, '_' -> ' '
+    negative_prompt: str = "no findings of {label}"  # its counterpart: p = softmax over the pair (CLIP binary zero-shot)
     out_dir: str = "models/pretrain_vision"
     metrics_file: str = "reports/pretrain/pretrain_vision.json"
 
     @model_validator(mode="after")
     def _prompt_has_slot(self) -> "PretrainConfig":
-        if "{label}" not in self.label_prompt:
-            raise ValueError(f"pretrain.label_prompt {self.label_prompt!r} has no {{label}} slot")
+        for key in ("label_prompt", "negative_prompt"):
+            if "{label}" not in getattr(self, key):
+                raise ValueError(f"pretrain.{key} {getattr(self, key)!r} has no {{label}} slot")
         return self
 
 
@@ -351,6 +354,12 @@ class Config(_Section):
     @property
     def validation(self) -> ValidateConfig:
         return self.validate_
+
+    @model_validator(mode="after")
+    def _zero_shot_needs_pretraining(self) -> "Config":
+        if self.model.clues and self.model.clue_source == "zero_shot" and not self.pretrain.enabled:
+            raise ValueError("model.clue_source=zero_shot needs the contrastive encoder: set pretrain.enabled=true")
+        return self
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -138,7 +138,9 @@ def cell_config(cfg: Config, cell: Cell) -> Config:
     d = cell_dir(cfg, cell)
     return _with(shared_config(cfg), {**cell.overrides, "seed": cell.seed, "train.out_dir": str(d / "models"),
                                       "train.checkpoint_dir": str(d / "checkpoints"),
-                                      "evaluate.out_dir": str(d / "reports")})
+                                      "evaluate.out_dir": str(d / "reports"),
+                                      "pretrain.out_dir": str(d / "models" / "pretrain_vision"),
+                                      "pretrain.metrics_file": str(d / "reports" / "pretrain_vision.json")})
 
 
 def cell_metrics_path(cfg: Config, cell: Cell) -> Path:
@@ -155,6 +157,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     from medvlm.evaluate import evaluate
     from medvlm.features import extract_features
     from medvlm.labeler import train_labeler
+    from medvlm.pretrain import pretrain_vision
     from medvlm.train import train
 
     grid = [c for c in cells(cfg) if not only or any(c.key.startswith(p) for p in only)]
@@ -196,6 +199,8 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
             timed(f"baseline {name}", evaluate, base, name)
     for cell in todo:
         ccfg = cell_config(cfg, cell)
+        if ccfg.pretrain.enabled and not (Path(ccfg.pretrain.out_dir) / "config.json").is_file():
+            timed(f"pretrain_vision {cell.key}", pretrain_vision, ccfg)  # the cell's own seed
         timed(f"train {cell.key}", train, ccfg, cell.strategy)
         timed(f"evaluate {cell.key}", evaluate, ccfg, cell.strategy)
     table = write_results(cfg)

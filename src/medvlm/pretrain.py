@@ -37,7 +37,7 @@ from medvlm.config import Config, PretrainConfig
 from medvlm.errors import ConfigError, DataError, ModelError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
-from medvlm.model.vision import VisionEncoder, build_vision
+from medvlm.model.vision import VisionEncoder, build_vision, view_tokens
 from medvlm.tracking import flatten, log_metrics, log_params, mlflow_run
 
 TAIL_FILE = "vision_tail.safetensors"
@@ -55,16 +55,17 @@ class TextEncoder(Protocol):
 class ContrastiveAligner(nn.Module):
     """Vision tail + image/report projections into one normalised embedding space, and the temperature."""
 
-    def __init__(self, vision: VisionEncoder, text_dim: int, pc: PretrainConfig):
+    def __init__(self, vision: VisionEncoder, text_dim: int, pc: PretrainConfig, concat_views: bool = False):
         super().__init__()
-        self.vision = vision
+        self.vision, self.concat_views = vision, concat_views
         self.vision.trunk.requires_grad_(False)
         self.image_proj = nn.Linear(vision.width, pc.embed_dim)
         self.text_proj = nn.Linear(text_dim, pc.embed_dim)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(pc.temperature)), requires_grad=pc.learn_temperature)
 
     def image_embeddings(self, trunk_features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.vision(trunk_features).mean(1)), dim=-1)
+        """(B, [V,] *trunk) -> (B, embed_dim); with concat_views a study pools the tokens of all its views."""
+        return F.normalize(self.image_proj(view_tokens(self.vision, trunk_features, self.concat_views).mean(1)), dim=-1)
 
     def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_features), dim=-1)
@@ -116,15 +117,32 @@ def label_prompts(label_names: list[str], template: str) -> list[str]:
 @torch.no_grad()
 def zero_shot_label_similarity(aligner: ContrastiveAligner, text_encoder: TextEncoder, trunk_features: torch.Tensor,
                                label_names: list[str], template: str = "findings of {label}") -> np.ndarray:
-    """(N, K) cosine similarity of each image's embedding with the embedding of each label's prompt.
-
-    A disease clue that needs no labelled training of its own: e.g. similarity of an image to "findings of
-    pneumonia". Scale by 1 / aligner.temperature() and softmax/sigmoid as the consumer needs.
-    """
+    """(N, K) cosine similarity of each image's embedding with the embedding of each label's prompt."""
     aligner.eval()
-    prompts = torch.from_numpy(np.asarray(text_encoder.encode(label_prompts(label_names, template)), dtype=np.float32))
+    prompts = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, template)))
     image = torch.cat([aligner.image_embeddings(trunk_features[s : s + 64]) for s in range(0, len(trunk_features), 64)])
-    return (image @ aligner.text_embeddings(prompts).T).numpy()
+    return (image @ prompts.T).numpy()
+
+
+@torch.no_grad()
+def zero_shot_prompt_embeddings(aligner: ContrastiveAligner, text_encoder: TextEncoder, label_names: list[str],
+                                pc: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) prompt embeddings (K, embed_dim), normalised: CLIP-style binary zero-shot
+    classification, p_k = softmax_T(cos(image, positive_k), cos(image, negative_k))[0]."""
+    aligner.eval()
+    positive = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, pc.label_prompt)))
+    negative = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, pc.negative_prompt)))
+    return positive, negative
+
+
+@torch.no_grad()
+def zero_shot_logits(aligner: ContrastiveAligner, prompts: tuple[torch.Tensor, torch.Tensor],
+                     trunk_features: torch.Tensor) -> torch.Tensor:
+    """(N, K) logits of the binary zero-shot classification: (cos(image, pos) - cos(image, neg)) / T."""
+    aligner.eval()
+    positive, negative = prompts
+    image = torch.cat([aligner.image_embeddings(trunk_features[s : s + 64]) for s in range(0, len(trunk_features), 64)])
+    return image @ (positive - negative).T / aligner.temperature()
 
 
 def _split_texts(cfg: Config, split: str, ids: list[str]) -> list[str]:
@@ -133,6 +151,18 @@ def _split_texts(cfg: Config, split: str, ids: list[str]) -> list[str]:
     if list(rows["study_id"].astype(str)) != ids:
         raise DataError(f"{path}: rows differ from the cached features' study ids (re-run `medvlm features`)")
     return [str(r) for r in rows["report"]]
+
+
+def _zero_shot_auroc(cfg: Config, aligner: ContrastiveAligner, encoder: TextEncoder, feats: torch.Tensor) -> dict:
+    """AUROC of the binary zero-shot clue probabilities against the test labels, per label (None: one class only)."""
+    from sklearn.metrics import roc_auc_score
+
+    rows = read_manifest(Path(cfg.split.out_dir) / "test.jsonl")
+    names = cfg.data.label_names
+    truth = np.array([[float((labels or {}).get(n, 0)) for n in names] for labels in rows["labels"]])
+    scores = zero_shot_logits(aligner, zero_shot_prompt_embeddings(aligner, encoder, names, cfg.pretrain), feats).numpy()
+    return {n: (round(float(roc_auc_score(truth[:, k], scores[:, k])), 4) if len(set(truth[:, k])) == 2 else None)
+            for k, n in enumerate(names)}
 
 
 def _encode(encoder: TextEncoder, texts: list[str]) -> torch.Tensor:
@@ -179,7 +209,7 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
     train_groups, test_groups = text_groups(train_texts), text_groups(test_texts)
 
     torch.manual_seed(cfg.seed)
-    model = ContrastiveAligner(build_vision(cfg), train_text.shape[1], pc)
+    model = ContrastiveAligner(build_vision(cfg), train_text.shape[1], pc, cfg.features.multi_view == "concat")
     before = _recall(model, test_feats, test_text, test_groups)
     tail = [p for p in model.vision.tail.parameters() if p.requires_grad]
     heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("vision.")]
@@ -217,6 +247,7 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
             epoch_losses.append(round(float(np.mean(losses)), 5))
             log_metrics(run, {"pretrain_loss": epoch_losses[-1], "temperature": float(model.temperature().detach())}, epoch)
         after = _recall(model, test_feats, test_text, test_groups)
+        zero_shot = _zero_shot_auroc(cfg, model, text_encoder, test_feats)
         signature = feature_signature(cfg)
         save_file({k: v.detach().contiguous() for k, v in model.vision.tail.state_dict().items()}, out_dir / TAIL_FILE,
                   metadata={**signature, "what": "vision tail after contrastive pre-training"})
@@ -229,6 +260,7 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
             "before": {k: v for k, v in before.items() if not k.startswith("chance")},
             "after": {k: v for k, v in after.items() if not k.startswith("chance")},
             "chance": {k: v for k, v in after.items() if k.startswith("chance")},
+            "zero_shot_auroc": zero_shot,  # model.clue_source=zero_shot: how well the clues read the labels
             "epoch_loss": epoch_losses, "temperature": round(float(model.temperature().detach()), 5),
             "seconds": round(time.perf_counter() - started, 1),
             "convention": "test split; a hit = a retrieved item whose report text equals the query's; cosine ranking",
@@ -273,7 +305,8 @@ def load_aligner(cfg: Config) -> ContrastiveAligner:
     if not config_path.is_file():
         raise ModelError(f"{config_path}: no pre-trained aligner (run `medvlm pretrain-vision` with pretrain.enabled=true)")
     meta = json.loads(config_path.read_text())
-    aligner = ContrastiveAligner(build_vision(cfg), meta["text_dim"], PretrainConfig(**meta["pretrain"]))
+    aligner = ContrastiveAligner(build_vision(cfg), meta["text_dim"], PretrainConfig(**meta["pretrain"]),
+                                 cfg.features.multi_view == "concat")
     load_pretrained_tail(cfg, aligner.vision)
     heads_path = Path(cfg.pretrain.out_dir) / HEADS_FILE
     result = aligner.load_state_dict(load_file(heads_path), strict=False)  # the tail came from TAIL_FILE

@@ -36,6 +36,7 @@ from medvlm.errors import ConfigError, DataError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
 from medvlm.model.medvlm import MedVLM
+from medvlm.model.clues import load_zero_shot
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
 from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
@@ -92,8 +93,10 @@ def run_signature(cfg: Config, strategy: str) -> str:
         exclude.add("multistage")
     parts = [strategy, cfg.seed, cfg.model.model_dump(), cfg.train.model_dump(exclude=exclude), cfg.data.label_names,
              feature_signature(cfg)]
-    if cfg.pretrain.enabled:  # the vision tail's starting point
+    if cfg.pretrain.enabled:  # the vision tail's starting point (and the zero-shot clue source's prompts)
         parts.append({"pretrained_vision": pretrained_tail_digest(cfg)})
+        if cfg.model.clues and cfg.model.clue_source == "zero_shot":
+            parts.append({"zero_shot_prompts": [cfg.pretrain.label_prompt, cfg.pretrain.negative_prompt]})
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,6 +155,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     torch.manual_seed(cfg.seed)
     model = MedVLM(cfg, strategy)
     vision_init = load_pretrained_tail(cfg, model.vision) if cfg.pretrain.enabled else "imagenet"
+    if model.clues is not None and model.clues.zero_shot is not None:
+        load_zero_shot(model.clues.zero_shot, cfg)
     data = load_train_data(cfg, model, cached=cached)
     if cfg.model.closed_vocab:
         model.set_output_vocab([t for report in data.reports for t in report])

@@ -8,15 +8,22 @@ label sets). Each is scaled by its predicted probability p_k, so a finding the c
   2. clue tokens (model.clue_tokens): the clues projected to the LM width, placed as K extra input embeddings
      right after the Q-Former query embeddings.
 
-Probability source (model.clue_source = "classifier"): the discrimination module's classifier when it is on;
-otherwise a linear head owned by this module on the mean-pooled visual tokens, trained with the same BCE loss
-(weight model.disc_loss_weight), so that the clue probabilities are supervised either way. A zero-shot
-image-text similarity source would be another clue_source value that hands its probabilities to forward().
+Probability source, model.clue_source:
+  - "classifier": the discrimination module's classifier when it is on; otherwise a linear head owned by this
+    module on the mean-pooled visual tokens, trained with the same BCE loss (weight model.disc_loss_weight);
+  - "zero_shot": no label supervision. The contrastive encoder of the pretrain_vision stage (frozen copy of its
+    vision tail + image projection) scores each image against a positive and a negative prompt per label
+    ("findings of covid" / "no findings of covid"): p_k = softmax over the pair of cosine / T (CLIP's binary
+    zero-shot classification). Its weights are filled at training time (`load_zero_shot`) and saved with the
+    trained weights, so a trained model runs without the pretrain folder.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from medvlm.config import ModelConfig
@@ -44,14 +51,62 @@ class CrossModalInteraction(nn.Module):
         return self.norm(tokens + attended)
 
 
+class ZeroShotClueSource(nn.Module):
+    """Frozen binary zero-shot classifier from the contrastive pre-training: logits (cos_pos - cos_neg) / T."""
+
+    def __init__(self, tail: nn.Module, width: int, embed_dim: int, n_labels: int):
+        super().__init__()
+        self.tail = copy.deepcopy(tail)  # the architecture; the pre-trained weights come from load_zero_shot
+        self.image_proj = nn.Linear(width, embed_dim)
+        self.register_buffer("positive", torch.zeros(n_labels, embed_dim))
+        self.register_buffer("negative", torch.zeros(n_labels, embed_dim))
+        self.register_buffer("temperature", torch.ones(()))
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> "ZeroShotClueSource":
+        return super().train(False)  # frozen: batch-norm statistics and dropout stay in inference mode
+
+    def logits(self, trunk_features: torch.Tensor, concat_views: bool = False) -> torch.Tensor:
+        """Cached trunk features (B, [V,] *trunk) -> (B, K)."""
+        from medvlm.model.vision import view_tokens
+
+        with torch.no_grad():
+            image = F.normalize(self.image_proj(view_tokens(self.tail, trunk_features, concat_views).mean(1)), dim=-1)
+            return image @ (self.positive - self.negative).T / self.temperature
+
+
+def load_zero_shot(source: ZeroShotClueSource, cfg, text_encoder=None) -> dict:
+    """Fill `source` from the pretrain_vision stage's aligner and the label prompts; returns a summary."""
+    from medvlm.pretrain import load_aligner, zero_shot_prompt_embeddings
+
+    aligner = load_aligner(cfg)
+    if text_encoder is None:
+        from medvlm.labeler import ReportEncoder
+
+        text_encoder = ReportEncoder(cfg.labeler.max_length, cfg.labeler.batch_size)
+    positive, negative = zero_shot_prompt_embeddings(aligner, text_encoder, cfg.data.label_names, cfg.pretrain)
+    with torch.no_grad():
+        source.tail.load_state_dict(aligner.vision.tail.state_dict())
+        source.image_proj.load_state_dict(aligner.image_proj.state_dict())
+        source.positive.copy_(positive)
+        source.negative.copy_(negative)
+        source.temperature.copy_(aligner.temperature())
+    return {"temperature": round(float(source.temperature), 5), "prompts": [cfg.pretrain.label_prompt,
+                                                                             cfg.pretrain.negative_prompt]}
+
+
 class DiseaseClues(nn.Module):
-    def __init__(self, cfg: ModelConfig, width: int, n_labels: int, lm_width: int, own_classifier: bool):
+    def __init__(self, cfg: ModelConfig, width: int, n_labels: int, lm_width: int, own_classifier: bool,
+                 zero_shot: tuple[nn.Module, int] | None = None):
+        """zero_shot: (vision tail, contrastive embedding width) for clue_source zero_shot."""
         super().__init__()
         # unit-variance init (like nn.Embedding): the clues must be distinguishable keys from the first step
         self.embeddings = nn.Parameter(torch.randn(n_labels, cfg.clue_dim))
         self.classifier = nn.Linear(width, n_labels) if own_classifier else None
         self.interaction = CrossModalInteraction(width, cfg.clue_dim, cfg.clue_heads) if cfg.clue_interaction else None
         self.to_lm = nn.Linear(cfg.clue_dim, lm_width) if cfg.clue_tokens else None
+        self.zero_shot = ZeroShotClueSource(zero_shot[0], width, zero_shot[1], n_labels) if zero_shot else None
 
     @property
     def n_tokens(self) -> int:

@@ -21,7 +21,7 @@ from medvlm.model.lm import load_lm
 from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
 from medvlm.model.strategies import apply_strategy, check_strategy
-from medvlm.model.vision import VisionEncoder, build_vision
+from medvlm.model.vision import VisionEncoder, build_vision, view_tokens
 
 
 class MedVLM(nn.Module):
@@ -39,8 +39,13 @@ class MedVLM(nn.Module):
         self.dem = (DiscriminationModule(width, self.n_labels, cfg.model.label_embed_dim)
                     if cfg.model.discrimination else None)
         lm_width = lm.get_input_embeddings().embedding_dim
-        self.clues = (DiseaseClues(cfg.model, width, self.n_labels, lm_width, own_classifier=self.dem is None)
+        zero_shot = cfg.model.clue_source == "zero_shot"
+        self.clues = (DiseaseClues(cfg.model, width, self.n_labels, lm_width,
+                                   own_classifier=self.dem is None and not zero_shot,
+                                   zero_shot=(self.vision.tail, cfg.pretrain.embed_dim) if zero_shot else None)
                       if cfg.model.clues else None)
+        # whether the label logits are trained (DEM or the clue module's classifier) rather than zero-shot
+        self.supervised_logits = self.dem is not None or (self.clues is not None and self.clues.classifier is not None)
         self.bridge = QFormerBridge(cfg.model, width, lm_width)
         self.prefix = None
         self.output_vocab: list[int] | None = None
@@ -56,23 +61,20 @@ class MedVLM(nn.Module):
     def visual_queries(self, trunk_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached trunk features -> (soft LM input tokens (B, Q [+ K clues], D_lm), label logits (B, K) or None).
 
-        features.multi_view concat: trunk features are (B, V, *trunk shape); each view goes through the tail on its
-        own and the views' tokens are concatenated, (B, V*T, W), so the DEM pools and the Q-Former attends over
-        all views at once."""
-        if self.cfg.features.multi_view == "concat":
-            batch, views = trunk_features.shape[:2]
-            tokens = self.vision(trunk_features.flatten(0, 1))
-            tokens = tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])
-        else:
-            tokens = self.vision(trunk_features)
+        features.multi_view concat: the views' tokens are concatenated (view_tokens), so the DEM pools and the
+        Q-Former attends over all views at once. The logits are the DEM's; without it, the clue module's."""
+        concat = self.cfg.features.multi_view == "concat"
+        tokens = view_tokens(self.vision, trunk_features, concat)
         logits = None
         if self.dem is not None:
             tokens, logits = self.dem(tokens)
         clue_tokens = None
         if self.clues is not None:
-            if logits is None:  # discrimination module off: the clue module's own classifier
-                logits = self.clues.logits(tokens)
-            tokens, clue_tokens = self.clues(tokens, torch.sigmoid(logits))
+            clue_logits = (self.clues.zero_shot.logits(trunk_features, concat) if self.clues.zero_shot is not None
+                           else logits if logits is not None else self.clues.logits(tokens))
+            if logits is None:
+                logits = clue_logits
+            tokens, clue_tokens = self.clues(tokens, torch.sigmoid(clue_logits))
         queries = self.bridge(tokens)
         if clue_tokens is not None:
             queries = torch.cat([queries, clue_tokens.to(queries.dtype)], dim=1)
@@ -171,7 +173,7 @@ class MedVLM(nn.Module):
         loss = lm_loss
         if logits is not None:
             out["disc_logits"] = logits
-            if labels is not None:
+            if labels is not None and self.supervised_logits:
                 disc = discrimination_loss(logits, labels.to(device))
                 out["disc_loss"] = disc
                 loss = loss + self.cfg.model.disc_loss_weight * disc
@@ -179,16 +181,24 @@ class MedVLM(nn.Module):
         return out
 
     # ---- trainable weights -------------------------------------------------------------------------------------
+    def _frozen_saved(self) -> dict[str, torch.Tensor]:
+        """Frozen weights that do not come from the packages and so travel with the trained ones: the zero-shot
+        clue source (pre-trained tail, projection, prompt embeddings, temperature; filled from the pretrain stage)."""
+        if self.clues is None or self.clues.zero_shot is None:
+            return {}
+        return {f"clues.zero_shot.{k}": v for k, v in self.clues.zero_shot.state_dict().items()}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous() for n, p in self.named_parameters() if n in self.trainable_names}
+        """What a trained model adds to the pretrained parts: the strategy's trainable weights (+ _frozen_saved)."""
+        state = {n: p.detach().contiguous() for n, p in self.named_parameters() if n in self.trainable_names}
+        return {**state, **{k: v.detach().contiguous() for k, v in self._frozen_saved().items()}}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_names)
-        missing, unexpected = expected - set(state), set(state) - expected
+        targets = {**{n: p for n, p in self.named_parameters() if n in self.trainable_names}, **self._frozen_saved()}
+        missing, unexpected = set(targets) - set(state), set(state) - set(targets)
         if missing or unexpected:
             raise ModelError(f"trainable weights do not fit the model (missing {sorted(missing)[:3]}, "
                              f"unexpected {sorted(unexpected)[:3]}): was it trained with another config/strategy?")
-        params = dict(self.named_parameters())
         with torch.no_grad():
             for name, value in state.items():
-                params[name].copy_(value.to(params[name].dtype))
+                targets[name].copy_(value.to(targets[name].dtype))

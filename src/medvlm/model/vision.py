@@ -137,6 +137,19 @@ class VisionEncoder(nn.Module):
         return self.tail(trunk_features)
 
 
+def view_tokens(tail: nn.Module, trunk_features: torch.Tensor, concat_views: bool) -> torch.Tensor:
+    """Cached trunk features -> visual tokens through `tail` (a VisionEncoder or its tail).
+
+    concat_views (features.multi_view concat): trunk features are (B, V, *trunk shape); each view goes through the
+    tail on its own and the views' tokens are concatenated, (B, V*T, W), so whatever pools or attends over the
+    tokens sees all views at once. Otherwise (B, *trunk shape) -> (B, T, W)."""
+    if not concat_views:
+        return tail(trunk_features)
+    batch, views = trunk_features.shape[:2]
+    tokens = tail(trunk_features.flatten(0, 1))
+    return tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])
+
+
 def build_vision(cfg: Config) -> VisionEncoder:
     name, k, size = cfg.model.vision, cfg.model.tune_vision_blocks, cfg.features.image_size
     if name == EFFICIENTNET:
