@@ -3,7 +3,7 @@ per-sample prompts, Predictor round trip, the prompt text."""
 
 import pytest
 import torch
-from tiny_medvlm import REPORTS, TRUNK_SHAPE, tiny_config, write_cached_split
+from tiny_medvlm import REPORTS, TRUNK_SHAPE, greedy_reference, overfit, tiny_config, write_cached_split
 
 from medvlm.errors import ConfigError
 from medvlm.generation import generate_ids, generate_reports
@@ -114,28 +114,6 @@ def test_prior_prompt_carries_predicted_findings_per_sample(tmp_path):
     assert off.post_ids([0, 1], logits) == off.layout.posts
 
 
-def _greedy_reference(model: MedVLM, feats: torch.Tensor, steps: int) -> list[list[int]]:
-    """Greedy decoding of one sample at a time without a KV cache or padding."""
-    out = []
-    with torch.no_grad():
-        soft, logits = model.visual_queries(feats)
-        posts = model.post_ids([0] * len(feats), logits)
-        for b in range(len(feats)):
-            ids: list[int] = []
-            for _ in range(steps):
-                embeds = torch.cat([model.embed_ids(torch.tensor([model.layout.pre])), soft[b : b + 1],
-                                    model.embed_ids(torch.tensor([posts[b] + ids]))], dim=1)
-                mask = torch.ones(1, model.prefix_length() + embeds.shape[1], dtype=torch.long)
-                hidden = model.run_decoder(embeds, mask, torch.arange(embeds.shape[1]).unsqueeze(0),
-                                           model.prefix_cache(1, embeds.dtype))
-                token = int(model.output_token(model.lm_head(hidden[:, -1]).argmax(-1)))
-                if token == model.layout.eos:
-                    break
-                ids.append(token)
-            out.append(ids)
-    return out
-
-
 @pytest.mark.parametrize("strategy", ["freeze", "ptuning_v2"])
 def test_batched_decoding_with_prompts_of_different_lengths(tmp_path, strategy):
     """Per-sample prior prompts are padded inside the batch; each row must decode exactly as it would alone."""
@@ -155,7 +133,7 @@ def test_batched_decoding_with_prompts_of_different_lengths(tmp_path, strategy):
     model.layout.threshold = float(low[1] + low[2]) / 2
     assert len({len(p) for p in model.post_ids([0] * 4, logits)}) > 1
     ids, _ = generate_ids(model, feats, cfg.generate)
-    assert ids == _greedy_reference(model, feats, 5)
+    assert ids == greedy_reference(model, feats, 5)
     beam = cfg.generate.model_copy(update={"num_beams": 3})
     together, _ = generate_ids(model, feats, beam)
     assert together == [generate_ids(model, feats[i : i + 1], beam)[0][0] for i in range(4)]
@@ -167,13 +145,7 @@ def test_generation_with_clues_and_prior_prompt_writes_the_learned_report(tmp_pa
     model = MedVLM(cfg, "freeze")
     feats = torch.randn(1, *TRUNK_SHAPE)
     target = model.layout.encode_report(REPORTS[2])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(60):
-        model(feats, [target], torch.tensor([[1.0, 1.0]]))["loss"].backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()  # decoding in train mode would sample the Q-Former's dropout
+    overfit(model, feats, target, 60, torch.tensor([[1.0, 1.0]]))
     texts, probs = generate_reports(model, feats, cfg.generate)
     assert texts == [model.layout.decode(target)] and texts[0]
     assert probs.shape == (1, 2) and (probs > 0.5).all()  # the prompt it was decoded with listed both findings

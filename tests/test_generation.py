@@ -2,32 +2,10 @@
 
 import pytest
 import torch
-from tiny_medvlm import REPORTS, TRUNK_SHAPE, tiny_config
+from tiny_medvlm import REPORTS, TRUNK_SHAPE, greedy_reference, overfit, tiny_config
 
 from medvlm.generation import generate_ids, generate_reports
 from medvlm.model.medvlm import MedVLM
-
-
-def _greedy_reference(model: MedVLM, feats: torch.Tensor, steps: int) -> list[list[int]]:
-    """Greedy decoding that re-runs the whole sequence every step (no KV cache, no beam bookkeeping)."""
-    out = []
-    with torch.no_grad():
-        queries, _ = model.visual_queries(feats)
-        for b in range(len(feats)):
-            ids: list[int] = []
-            for _ in range(steps):
-                pre = model.embed_ids(torch.tensor([model.layout.pre]))
-                post = model.embed_ids(torch.tensor([model.layout.posts[0] + ids]))
-                embeds = torch.cat([pre, queries[b : b + 1], post], dim=1)
-                mask = torch.ones(1, model.prefix_length() + embeds.shape[1], dtype=torch.long)
-                pos = torch.arange(embeds.shape[1]).unsqueeze(0)
-                hidden = model.run_decoder(embeds, mask, pos, model.prefix_cache(1, embeds.dtype))
-                token = int(model.output_token(model.lm_head(hidden[:, -1]).argmax(-1)))
-                if token == model.layout.eos:
-                    break
-                ids.append(token)
-            out.append(ids)
-    return out
 
 
 def _perturb(model: MedVLM) -> None:
@@ -51,7 +29,7 @@ def test_greedy_matches_cache_free_reference(tmp_path, strategy, closed):
         model.set_output_vocab(vocab)
     feats = torch.randn(3, *TRUNK_SHAPE)
     ids, probs = generate_ids(model, feats, cfg.generate)
-    assert ids == _greedy_reference(model, feats, 5)
+    assert ids == greedy_reference(model, feats, 5)
     if closed:
         assert all(t in vocab for x in ids for t in x)
     assert probs.shape == (3, 2) and ((probs > 0) & (probs < 1)).all()
@@ -77,13 +55,7 @@ def test_model_that_learned_to_stop_stops(tmp_path):
     model = MedVLM(cfg, "freeze")
     feats = torch.randn(1, *TRUNK_SHAPE)
     target = model.layout.encode_report(REPORTS[3])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(40):
-        loss = model(feats, [target])["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    overfit(model, feats, target, 40)
     for beams in (1, 2):
         texts, _ = generate_reports(model, feats, cfg.generate.model_copy(update={"num_beams": beams}))
         assert texts == [model.layout.decode(target)]

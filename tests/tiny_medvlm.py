@@ -95,3 +95,38 @@ def write_cached_split(cfg, n: int = 8, seed: int = 0) -> None:
         Path(cfg.features.out_dir).mkdir(parents=True, exist_ok=True)
         save_file({"features": feats}, Path(cfg.features.out_dir) / f"{split}.safetensors",
                   metadata={**feature_signature(cfg), "study_ids": json.dumps([r["study_id"] for r in rows])})
+
+
+def overfit(model, feats: torch.Tensor, target: list[int], steps: int, labels: torch.Tensor | None = None) -> None:
+    """Train `model` on one (features, report ids[, labels]) example for `steps` AdamW steps, then eval mode
+    (decoding in train mode would sample the Q-Former's dropout)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        model(feats, [target] * len(feats), labels)["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def greedy_reference(model, feats: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy decoding of one sample at a time that re-runs the whole sequence every step (no KV cache, no
+    padding, no beam bookkeeping): what the batched decoder must reproduce."""
+    out = []
+    with torch.no_grad():
+        soft, logits = model.visual_queries(feats)
+        posts = model.post_ids([0] * len(feats), logits)
+        for b in range(len(feats)):
+            ids: list[int] = []
+            for _ in range(steps):
+                embeds = torch.cat([model.embed_ids(torch.tensor([model.layout.pre])), soft[b : b + 1],
+                                    model.embed_ids(torch.tensor([posts[b] + ids]))], dim=1)
+                mask = torch.ones(1, model.prefix_length() + embeds.shape[1], dtype=torch.long)
+                hidden = model.run_decoder(embeds, mask, torch.arange(embeds.shape[1]).unsqueeze(0),
+                                           model.prefix_cache(1, embeds.dtype))
+                token = int(model.output_token(model.lm_head(hidden[:, -1]).argmax(-1)))
+                if token == model.layout.eos:
+                    break
+                ids.append(token)
+            out.append(ids)
+    return out
