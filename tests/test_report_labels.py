@@ -99,12 +99,22 @@ def iu_xray_reports(archive: Path, limit: int) -> list[tuple[str, list[str]]]:
 
 
 def test_chexpert_rules_on_real_iu_xray_reports():
-    reports = iu_xray_reports(_iu_xray_archive(), limit=300)
-    assert len(reports) >= 100
-    labelled = [(chexpert_labels(text, CHEXPERT_LABELS), mesh) for text, mesh in reports]
-    normal = [labels for labels, mesh in labelled if mesh and all(m.lower() == "normal" for m in mesh)]
-    cardiomegaly = [labels for labels, mesh in labelled if any(re.match("cardiomegaly", m.lower()) for m in mesh)]
-    # MeSH tags were assigned by annotators from the same text: the rules should mostly agree with them
-    assert normal and sum(l["no_finding"] for l in normal) / len(normal) >= 0.8
-    if cardiomegaly:
-        assert sum(l["cardiomegaly"] for l in cardiomegaly) / len(cardiomegaly) >= 0.6
+    """The rules against the MeSH major terms annotators assigned to all 3,927 IU X-ray reports with text (read in
+    place from the package). Measured: normal -> no_finding .991; cardiomegaly recall .824 / precision .966;
+    pleural effusion .925 / .937; atelectasis .946 / .969."""
+    reports = iu_xray_reports(_iu_xray_archive(), limit=10_000)
+    assert len(reports) >= 3900
+    labelled = [(chexpert_labels(text, CHEXPERT_LABELS), [m.lower() for m in mesh]) for text, mesh in reports]
+    normal = [labels for labels, mesh in labelled if mesh and all(m == "normal" for m in mesh)]
+    assert len(normal) > 1000 and sum(l["no_finding"] for l in normal) / len(normal) >= 0.95
+
+    def recall_precision(label: str, term: str) -> tuple[float, float]:
+        tagged = [any(m.startswith(term) for m in mesh) for _, mesh in labelled]
+        found = [labels[label] == 1 for labels, _ in labelled]
+        tp = sum(t and f for t, f in zip(tagged, found))
+        return tp / sum(tagged), tp / max(1, sum(found))
+
+    for label, term, floor in [("cardiomegaly", "cardiomegaly", 0.75), ("pleural_effusion", "pleural effusion", 0.85),
+                               ("atelectasis", "pulmonary atelectasis", 0.85)]:
+        recall, precision = recall_precision(label, term)
+        assert recall >= floor and precision >= 0.85, (label, recall, precision)
