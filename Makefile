@@ -89,7 +89,7 @@ cov-ctr: install
 	  --note "Profile: params.yaml + params/cov_ctr.yaml $(COV_CTR_OPTS) (CPU default: 4 of 30 SmolLM2 layers, cached trunk features; params/gpu.yaml on a GPU)."
 
 bench: install
-	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py
+	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py && $(BIN)/python bench/lm_truncation.py
 
 # Local Prefect server + the scheduled deployments (retraining cron from params.yaml). UI: http://127.0.0.1:$(PREFECT_PORT)
 serve-flows: install
