@@ -177,7 +177,7 @@ def mean_family(per_study: dict[str, np.ndarray]) -> MetricFamily:
 
 
 def clinical_family(
-    y_true: np.ndarray, y_prob: np.ndarray, label_names: list[str], primary_label: str, threshold: float, prefix: str = ""
+    y_true: np.ndarray, y_prob: np.ndarray, label_names: list[str], primary_label: str, threshold, prefix: str = ""
 ) -> MetricFamily:
     def compute(counts: np.ndarray) -> dict[str, np.ndarray]:
         rows = [

@@ -125,6 +125,13 @@ class ModelConfig(_Section):
     # ("Suspected: pneumonia 0.83, ground glass 0.61."), labels with probability above prior_threshold.
     prior_prompt: bool = False
     prior_threshold: float = Field(0.5, ge=0.0, lt=1.0)
+    # What fills the prior prompt in training. "predicted": the module's own (detached) probabilities, as at test
+    # time. "labels": the true findings (names only), so the LM learns to write exactly the listed findings; at
+    # test time the module's findings above its per-label thresholds (chosen on the training split) fill it.
+    prior_source: Literal["predicted", "labels"] = "predicted"
+    # BCE of the label classifier weighted per label by negatives/positives of the training split (capped at this
+    # ratio; 0 = unweighted), so rare findings are not learned as "always absent".
+    disc_pos_weight_max: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":

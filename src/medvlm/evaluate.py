@@ -27,6 +27,7 @@ from medvlm.bootstrap import (
     mean_family,
     meteor_family,
 )
+from medvlm.chain_metrics import collapse_metrics, follow_rates, threshold_vector
 from medvlm.config import Config
 from medvlm.errors import EvaluationError
 from medvlm.labeler import Labeler
@@ -83,8 +84,12 @@ def check_generations(units: list[dict], generations: list[dict]) -> dict[str, d
     return out
 
 
-def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
-    """Point estimates and bootstrap CIs of every metric over all units."""
+def score(cfg: Config, units: list[dict], generated: dict[str, dict], dem_thresholds: dict[str, float] | None = None,
+          train_reports: list[str] | None = None) -> dict:
+    """Point estimates and bootstrap CIs of every metric over all units.
+
+    `dem_thresholds`: the model's per-label cuts (chosen on the training split) for the DEM_* figures and for what
+    counts as "detected" in the follow_* rates; 0.5 where absent. `train_reports`: for the collapse_* figures."""
     ev, names = cfg.evaluate, cfg.data.label_names
     zh = cfg.data.report_language == "zh"
     convention = "zh_jieba" if zh else ev.preprocessing
@@ -109,6 +114,7 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
     y_true = np.asarray([[float(u["labels"].get(n, 0)) for n in names] for u in units])
     clinical: dict = {"labels_from": "test split labels (ground truth)", "threshold": cfg.labeler.threshold}
     labeler_dir = Path(cfg.labeler.out_dir)
+    y_lab = None
     if (labeler_dir / "heads.npz").is_file():
         y_lab = Labeler.load(labeler_dir).predict_proba([generated[i]["generated"] for i in ids])
         ce = clinical_efficacy(y_true, y_lab, names, cfg.data.primary_label, cfg.labeler.threshold)
@@ -128,10 +134,19 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict]) -> dict:
     probs = [generated[i].get("probabilities") or {} for i in ids]
     if all(all(n in p for n in names) for p in probs):
         y_dem = np.asarray([[float(p[n]) for n in names] for p in probs])
-        dem = clinical_efficacy(y_true, y_dem, names, cfg.data.primary_label, cfg.labeler.threshold)
+        cuts = threshold_vector(dem_thresholds, names)
+        dem = clinical_efficacy(y_true, y_dem, names, cfg.data.primary_label, cuts)
         point.update({k.replace("CE_", "DEM_", 1): v for k, v in dem.items()})
-        families.append(clinical_family(y_true, y_dem, names, cfg.data.primary_label, cfg.labeler.threshold, "DEM_"))
-        clinical["discrimination_module"] = "DEM_* = the model's own label probabilities from the image"
+        families.append(clinical_family(y_true, y_dem, names, cfg.data.primary_label, cuts, "DEM_"))
+        clinical["discrimination_module"] = ("DEM_* = the model's own label probabilities from the image, cut at "
+                                             + ("per-label thresholds chosen on the training split"
+                                                if dem_thresholds else "0.5"))
+        if dem_thresholds:
+            clinical["dem_thresholds"] = dem_thresholds
+        if y_lab is not None:
+            point.update(follow_rates(y_dem > cuts, y_lab > cfg.labeler.threshold, names))
+    if train_reports is not None:
+        point.update(collapse_metrics([res[i][0] for i in ids], preprocess(train_reports, convention)))
     intervals = bootstrap_intervals(families, len(ids), point, ev.bootstrap_iterations, ev.bootstrap_seed, ev.confidence)
     metrics = {k: intervals.get(k, {"value": v, "ci_low": None, "ci_high": None, "n_resamples": 0}) for k, v in point.items()}
     for k, m in metrics.items():  # every metric covers every unit: the bootstrap draws from all of them
@@ -172,7 +187,10 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
     features, ids = load_features(cfg, "test")
     rows = predictor.predict_features(features)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
-    return gens, {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
+    facts = {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
+    if predictor.meta.get("dem_thresholds"):
+        facts["dem_thresholds"] = predictor.meta["dem_thresholds"]
+    return gens, facts
 
 
 def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> dict:
@@ -189,7 +207,9 @@ def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> d
     if generations is None:
         generations, producer = produce(cfg, name)
     generated = check_generations(units, generations)
-    scored = score(cfg, units, generated)
+    train_path = Path(cfg.split.out_dir) / "train.jsonl"
+    train_reports = [str(r) for r in read_manifest(train_path)["report"]] if train_path.is_file() else None
+    scored = score(cfg, units, generated, producer.get("dem_thresholds"), train_reports)
     out = Path(cfg.evaluate.out_dir)
     gen_path, metrics_path = out / "generations" / f"{name}.jsonl", out / "metrics" / f"{name}.json"
     gen_path.parent.mkdir(parents=True, exist_ok=True)

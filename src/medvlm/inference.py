@@ -52,6 +52,7 @@ class Predictor:
         model = MedVLM(trained, meta["strategy"])
         model.load_trainable_state_dict(load_file(weights))
         model.set_output_vocab(meta.get("output_vocab"))
+        model.set_label_thresholds(meta.get("dem_thresholds"))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         meta["load_seconds"] = round(time.perf_counter() - started, 2)

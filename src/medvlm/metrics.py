@@ -19,7 +19,7 @@ import re
 import threading
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -340,13 +340,15 @@ def clinical_efficacy(
     y_prob: np.ndarray,
     label_names: list[str],
     primary_label: str,
-    threshold: float = 0.5,
+    threshold: float | Sequence[float] = 0.5,
     weights: np.ndarray | None = None,
     per_label: bool = True,
 ) -> dict[str, float]:
-    """Primary-label accuracy/precision/recall/F1/AUROC, micro/macro P/R/F1 over all labels, and per-label P/R/F1.
+    """Primary-label accuracy/precision/recall/F1/AUROC, micro/macro P/R/F1 over all labels, the macro AUROC, and
+    per-label P/R/F1/AUROC.
 
-    y_true: (n, L) 0/1; y_prob: (n, L) probabilities. `weights` (bootstrap multiplicities) default to ones.
+    y_true: (n, L) 0/1; y_prob: (n, L) probabilities; `threshold` one for all labels or one per label (e.g. chosen
+    on the training split). `weights` (bootstrap multiplicities) default to ones.
     """
     y_true = np.asarray(y_true).astype(bool)
     y_prob = np.asarray(y_prob, dtype=float)
@@ -355,7 +357,8 @@ def clinical_efficacy(
             f"clinical efficacy: labels {y_true.shape} and probabilities {y_prob.shape} must both be (n, {len(label_names)})"
         )
     w = np.ones(len(y_true)) if weights is None else np.asarray(weights, dtype=float)
-    y_pred = y_prob > threshold
+    cut = np.broadcast_to(np.asarray(threshold, dtype=float), (len(label_names),))
+    y_pred = y_prob > cut
     out: dict[str, float] = {}
     p = label_names.index(primary_label)
     tp, fp, fn, tn = _weighted_confusion(y_true[:, p], y_pred[:, p], w)
@@ -364,13 +367,19 @@ def clinical_efficacy(
     out["CE_auroc"] = weighted_auroc(y_true[:, p], y_prob[:, p], w)
     totals = np.zeros(3)
     macro = np.zeros(3)
+    aurocs = []
     for j, name in enumerate(label_names):
         tp, fp, fn, _ = _weighted_confusion(y_true[:, j], y_pred[:, j], w)
         totals += (tp, fp, fn)
         prf = _prf(tp, fp, fn)
         macro += prf
+        auroc = out["CE_auroc"] if j == p else weighted_auroc(y_true[:, j], y_prob[:, j], w)
+        if not math.isnan(auroc):
+            aurocs.append(auroc)
         if per_label:
             out[f"CE_{name}_precision"], out[f"CE_{name}_recall"], out[f"CE_{name}_f1"] = prf
+            out[f"CE_{name}_auroc"] = auroc
     out["CE_micro_precision"], out["CE_micro_recall"], out["CE_micro_f1"] = _prf(*totals)
     out["CE_macro_precision"], out["CE_macro_recall"], out["CE_macro_f1"] = (macro / len(label_names)).tolist()
+    out["CE_macro_auroc"] = float(np.mean(aurocs)) if aurocs else math.nan
     return out

@@ -17,7 +17,8 @@ from medvlm.config import Config
 from medvlm.errors import EvaluationError
 
 TABLE_METRICS = ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "medvlm_BLEU_4", "medvlm_METEOR",
-                 "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc",
+                 "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc", "DEM_macro_f1",
+                 "collapse_unique_share",
                  "RULE_micro_f1", "RULE_macro_f1"]
 # per-label P/R/F1 tables, one per labeler whose figures are in the metrics files
 PER_LABEL_FAMILIES = {"CE_": "report labeler (trained) on generated text vs test labels",
@@ -80,6 +81,8 @@ def build_report(cfg: Config) -> dict:
     else:
         lines.append("No labeler was trained: CE_* figures are absent.")
     lines += per_label_tables(cfg.data.label_names, names, results)
+    lines += chain_table(cfg.data.label_names, names, results)
+    lines += collapse_table(names, results)
     lines += ["", "oracle picks the best training report by looking at the references: a ceiling, not a method.", ""]
     (out / "results.md").write_text("\n".join(lines), encoding="utf-8")
     plots = _plots(out / "plots", names, results)
@@ -106,6 +109,59 @@ def per_label_tables(label_names: list[str], names: list[str], results: dict) ->
                 values = [m.get(f"{prefix}{label}_{k}", {}).get("value") for k in ("precision", "recall", "f1")]
                 cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in values))
             lines.append(f"| {label if label in label_names else f'**{label}**'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def chain_table(label_names: list[str], names: list[str], results: dict) -> list[str]:
+    """Markdown: per label, where a finding is kept or lost: the DEM from the image (AUROC, F1 at its per-label
+    threshold), the text (labeler on the generated report, F1), and how the text follows the DEM."""
+    shown = [n for n in names if "DEM_macro_f1" in results[n]["metrics"] and "CE_macro_f1" in results[n]["metrics"]]
+    if not shown:
+        return []
+    lines = ["", "### Per-finding chain: image (DEM AUROC / F1) -> text (CE F1), and following", "",
+             "DEM = the discrimination module on the image, cut at per-label thresholds chosen on the training split; "
+             "CE = the report labeler on the generated text; written = P(written | detected), unsupported = "
+             "P(not detected | written).", "",
+             "| label | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for label in [*label_names, "macro"]:
+        cells = []
+        for n in shown:
+            m = results[n]["metrics"]
+
+            def v(key):
+                value = m.get(key, {}).get("value")
+                return "–" if value is None else f"{value:.2f}"
+
+            cells.append(f"DEM {v(f'DEM_{label}_auroc')} / {v(f'DEM_{label}_f1')} · CE {v(f'CE_{label}_f1')} · "
+                         f"written {v(f'follow_{label}_written')} · unsupported {v(f'follow_{label}_unsupported')}")
+        lines.append(f"| {label if label in label_names else f'**{label}**'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+COLLAPSE_COLUMNS = ["collapse_unique_share", "collapse_distinct_1", "collapse_distinct_2", "collapse_train_copy_rate",
+                    "collapse_nearest_train_bleu4"]
+
+
+def collapse_table(names: list[str], results: dict) -> list[str]:
+    """Markdown: diversity and copying of every model's and baseline's generations, with a warning per collapse."""
+    from medvlm.chain_metrics import COLLAPSE_UNIQUE_SHARE, collapsed
+
+    shown = [n for n in names if "collapse_unique_share" in results[n]["metrics"]]
+    if not shown:
+        return []
+    lines = ["", "### Collapse check (unique share, distinct-1/2, exact copies of a training report, BLEU-4 against "
+             "the nearest training report)", "",
+             "| model | " + " | ".join(c.removeprefix("collapse_") for c in COLLAPSE_COLUMNS) + " |",
+             "|---|" + "---|" * len(COLLAPSE_COLUMNS)]
+    for n in shown:
+        m = results[n]["metrics"]
+        lines.append(f"| {n} | " + " | ".join(_cell(m.get(c)) for c in COLLAPSE_COLUMNS) + " |")
+    warned = [n for n in shown if collapsed(results[n]["metrics"])]
+    lines += [""] + [f"**Warning: {n} collapsed** (unique share "
+                     f"{results[n]['metrics']['collapse_unique_share']['value']:.2f} < {COLLAPSE_UNIQUE_SHARE}): "
+                     + ("one fixed text by construction." if n == "consensus" else
+                        "it writes nearly the same report for every image, whatever its n-gram scores.")
+                     for n in warned]
     return lines
 
 

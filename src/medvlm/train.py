@@ -31,12 +31,14 @@ import torch
 from safetensors.torch import save_file
 
 from medvlm import __version__
+from medvlm.chain_metrics import choose_thresholds
 from medvlm.config import Config
 from medvlm.errors import ConfigError, DataError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.clues import load_zero_shot
+from medvlm.model.discrimination import balanced_pos_weight
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
 from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
@@ -158,6 +160,7 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     if model.clues is not None and model.clues.zero_shot is not None:
         load_zero_shot(model.clues.zero_shot, cfg)
     data = load_train_data(cfg, model, cached=cached)
+    model.disc_pos_weight = balanced_pos_weight(data.labels, cfg.model.disc_pos_weight_max)
     if cfg.model.closed_vocab:
         model.set_output_vocab([t for report in data.reports for t in report])
     if cuda:
@@ -258,10 +261,41 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         if cfg.pretrain.enabled:
             summary["vision_init"] = vision_init
         if accelerator.is_main_process:
+            thresholds = label_thresholds(core, data, cfg, accelerator.device)
+            if thresholds:
+                summary["dem_thresholds"] = thresholds
             paths = save_trained(core, cfg, strategy, out_dir, log_rows, summary)
             log_artifacts(run, [paths["config"], paths["log"]])
             log_metrics(run, {"train_seconds": summary["seconds"]})
     return summary
+
+
+@torch.no_grad()
+def label_logits(model: MedVLM, features: torch.Tensor, device, batch_size: int = 64) -> torch.Tensor | None:
+    """The model's label logits (DEM, or the clue module's) for cached trunk features, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(features), batch_size):
+            _, logits = model.visual_queries(features[start : start + batch_size].to(device))
+            if logits is None:
+                return None
+            out.append(logits.float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else None
+
+
+def label_thresholds(model: MedVLM, data: TrainData, cfg: Config, device) -> dict[str, float] | None:
+    """Per-label F1-best cuts of the trained model's probabilities on the training split (saved with the model;
+    evaluation and the prior-knowledge prompt at inference use them instead of a fixed 0.5)."""
+    if not model.supervised_logits:
+        return None
+    logits = label_logits(model, data.features, device)
+    if logits is None:
+        return None
+    return choose_thresholds(data.labels.numpy(), torch.sigmoid(logits).numpy(), cfg.data.label_names)
 
 
 def _set_stage_mask(model: MedVLM, stage: Stage, lm_names: set[str]) -> None:
@@ -298,7 +332,7 @@ def save_trained(model: MedVLM, cfg: Config, strategy: str, out_dir: Path, log_r
     config_path = out_dir / "model_config.json"
     config_path.write_text(json.dumps({
         "strategy": strategy, "label_names": cfg.data.label_names, "lm": cfg.model.lm, "vision": cfg.model.vision,
-        "output_vocab": model.output_vocab,
+        "output_vocab": model.output_vocab, "dem_thresholds": summary.get("dem_thresholds"),
         "medvlm_version": __version__, "train_summary": {k: v for k, v in summary.items() if k != "out_dir"},
         "config": cfg.model_dump(mode="json", by_alias=True),
     }, indent=2))

@@ -35,5 +35,17 @@ class DiscriminationModule(nn.Module):
         return tokens + self.fuse(torch.cat([tokens, expanded.to(tokens.dtype)], dim=-1)), logits
 
 
-def discrimination_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+def discrimination_loss(logits: torch.Tensor, labels: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-label BCE; `pos_weight` (K,) weighs each label's positives (rare findings: negatives / positives)."""
+    if pos_weight is not None:
+        pos_weight = pos_weight.to(logits.device, torch.float32)
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), pos_weight=pos_weight)
+
+
+def balanced_pos_weight(labels: torch.Tensor, cap: float) -> torch.Tensor | None:
+    """negatives / positives per label of the training labels (N, K), capped at `cap`; None when cap is 0."""
+    if cap <= 0:
+        return None
+    positives = labels.float().sum(0)
+    ratio = (len(labels) - positives) / positives.clamp(min=1.0)
+    return ratio.clamp(min=1.0, max=cap)

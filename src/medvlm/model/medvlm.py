@@ -47,6 +47,7 @@ class MedVLM(nn.Module):
         # whether the label logits are trained (DEM or the clue module's classifier) rather than zero-shot
         self.supervised_logits = self.dem is not None or (self.clues is not None and self.clues.classifier is not None)
         self.bridge = QFormerBridge(cfg.model, width, lm_width)
+        self.disc_pos_weight: torch.Tensor | None = None  # per-label BCE weight (set by training, model.disc_pos_weight_max)
         self.prefix = None
         self.output_vocab: list[int] | None = None
         self.vocab_ids = self.vocab_lookup = None
@@ -80,12 +81,16 @@ class MedVLM(nn.Module):
             queries = torch.cat([queries, clue_tokens.to(queries.dtype)], dim=1)
         return queries, logits
 
-    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None) -> list[list[int]]:
-        """Per-sample prompt ids after the soft tokens. With model.prior_prompt they list the *predicted* findings,
-        in training too: prompting with the true labels (teacher forcing) would leak the answer into the input, and
-        the model would learn to copy a prompt that at test time only the classifier can fill."""
+    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None,
+                 labels: torch.Tensor | None = None) -> list[list[int]]:
+        """Per-sample prompt ids after the soft tokens. With model.prior_prompt they list the findings. By default
+        (prior_source predicted) the *predicted* ones, in training too, so the input looks as it will at test time.
+        prior_source labels: in training the true findings (`labels`), so the LM learns to write what is listed;
+        at test time (no labels) the classifier fills the list, cut at its per-label thresholds."""
         if not self.layout.prior:
             return [self.layout.posts[p] for p in prompt_index]
+        if labels is not None and self.cfg.model.prior_source == "labels":
+            return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, labels.float().cpu().tolist())]
         probs = torch.sigmoid(logits.detach().float()).cpu().tolist()
         return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, probs)]
 
@@ -103,6 +108,13 @@ class MedVLM(nn.Module):
         out = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                                     past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
+
+    def set_label_thresholds(self, thresholds: dict[str, float] | None) -> None:
+        """Per-label cuts (chosen on the training split) for the findings the prior-knowledge prompt lists at test
+        time with prior_source labels; with prior_source predicted the prompt keeps model.prior_threshold, the cut it
+        was trained with."""
+        if thresholds and self.cfg.model.prior_source == "labels":
+            self.layout.thresholds = [float(thresholds.get(n, 0.5)) for n in self.cfg.data.label_names]
 
     def set_output_vocab(self, token_ids: list[int] | None) -> None:
         """Restrict the LM head to these token ids (closed vocabulary); None = the LM's full vocabulary."""
@@ -142,7 +154,7 @@ class MedVLM(nn.Module):
         pre = self.layout.pre
         prompt_index = prompt_index or [0] * batch
         # Per-sample token ids after the soft tokens: prompt tail, then the report (right padded).
-        posts = self.post_ids(prompt_index, logits)
+        posts = self.post_ids(prompt_index, logits, labels if self.training else None)
         tails = [post + r for post, r in zip(posts, reports)]
         length = len(pre) + n_query + max(len(t) for t in tails)
         ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)
@@ -174,7 +186,7 @@ class MedVLM(nn.Module):
         if logits is not None:
             out["disc_logits"] = logits
             if labels is not None and self.supervised_logits:
-                disc = discrimination_loss(logits, labels.to(device))
+                disc = discrimination_loss(logits, labels.to(device), self.disc_pos_weight)
                 out["disc_loss"] = disc
                 loss = loss + self.cfg.model.disc_loss_weight * disc
         out["loss"] = loss

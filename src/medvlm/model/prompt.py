@@ -18,12 +18,17 @@ _QUERY_MARK = "\x00QUERIES\x00"
 _PRIOR_MARK = "\x00PRIOR\x00"
 
 
-def prior_knowledge_text(probs: Sequence[float], label_names: Sequence[str], threshold: float) -> str:
-    """ClinicalBLIP-style prior: findings above `threshold`, most probable first, with their probabilities."""
-    found = sorted(((-float(p), k) for k, p in enumerate(probs) if float(p) > threshold))
+def prior_knowledge_text(probs: Sequence[float], label_names: Sequence[str], threshold: float | Sequence[float],
+                         with_probabilities: bool = True) -> str:
+    """ClinicalBLIP-style prior: findings above `threshold` (one for all labels or one per label), most probable
+    first with their probabilities, or (with_probabilities off) names only in label order."""
+    cuts = [float(threshold)] * len(probs) if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+    found = [(-float(p), k) for k, p in enumerate(probs) if float(p) > cuts[k]]
     if not found:
         return "No suspected findings."
-    listed = ", ".join(f"{label_names[k].replace('_', ' ')} {-neg:.2f}" for neg, k in found)
+    if not with_probabilities:
+        return "Suspected: " + ", ".join(label_names[k].replace("_", " ") for _, k in sorted(found, key=lambda f: f[1])) + "."
+    listed = ", ".join(f"{label_names[k].replace('_', ' ')} {-neg:.2f}" for neg, k in sorted(found))
     return f"Suspected: {listed}."
 
 
@@ -38,6 +43,9 @@ class PromptLayout:
         self.max_report_tokens = cfg.model.max_report_tokens
         self.prior = cfg.model.prior_prompt
         self.label_names, self.threshold = list(cfg.data.label_names), cfg.model.prior_threshold
+        # prior_source labels: names only (training lists the true findings, which carry no probability)
+        self.prior_probabilities = cfg.model.prior_source == "predicted"
+        self.thresholds: list[float] | None = None  # per-label cuts for predicted findings (set from a trained model)
         self.template = cfg.model.prompt_template
         if not self.template:
             self.pre, self.posts = [], [[self.bos]]
@@ -61,7 +69,8 @@ class PromptLayout:
             return self.posts[prompt_index]
         if probs is None:
             raise ConfigError("model.prior_prompt is on but no predicted probabilities reached the prompt")
-        prior = prior_knowledge_text(probs, self.label_names, self.threshold)
+        cut = self.thresholds if self.thresholds is not None else self.threshold
+        prior = prior_knowledge_text(probs, self.label_names, cut, self.prior_probabilities)
         if not self.template:
             return self.tokenizer(prior, add_special_tokens=False)["input_ids"] + [self.bos]
         # the whole post text is tokenised at once, so the prior's first word merges with what precedes it as
