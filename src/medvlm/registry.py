@@ -5,7 +5,8 @@ on the primary metric (tie-break second) by `register.promotion_margin`, measure
 test-split hash is a version tag). Promotion is one alias swap done under a file lock next to the tracking store
 with the state re-read inside the lock, so two racing flows end with exactly one, the better, champion, and a
 repeated promotion changes nothing. The alias is the only promotion state; tags and descriptions are the record
-of why, written after the swap, so a crash can never leave a "half-promoted" model.
+of why, written after the swap (still inside the lock, like reports/registry.json), so a crash can never leave a
+"half-promoted" model, and the champion is the one version tagged gate=promoted without a superseded_by.
 
 `medvlm.resolve.resolve_model(spec)` turns what a user types after `--model` into a local model folder.
 """
@@ -293,25 +294,25 @@ def register(cfg: Config, *, predictor_factory: str | None = None) -> dict:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         decision = _swap_if_better(client, cfg, version)
         champion = _alias_version(client, name, CHAMPION)
-    summary = {
-        "model_name": name,
-        "tracking_uri": cfg.register.tracking_uri,
-        "registered": {
-            "version": str(version.version),
-            "strategy": best["strategy"],
-            "run_id": run_id,
-            "reused_existing_version": reused,
-            "data_hash": best["data_hash"],
-            cfg.register.primary_metric: best["primary"],
-            cfg.register.tie_break: best["tie_break"],
-        },
-        "decision": decision,
-        "champion": _gate_view(champion, cfg),
-        "challenger": str(version.version),
-        "candidates": [{"strategy": c["strategy"], cfg.register.primary_metric: c["primary"],
-                        cfg.register.tie_break: c["tie_break"]} for c in found],
-    }
-    _write_summary(cfg, summary)
+        summary = {
+            "model_name": name,
+            "tracking_uri": cfg.register.tracking_uri,
+            "registered": {
+                "version": str(version.version),
+                "strategy": best["strategy"],
+                "run_id": run_id,
+                "reused_existing_version": reused,
+                "data_hash": best["data_hash"],
+                cfg.register.primary_metric: best["primary"],
+                cfg.register.tie_break: best["tie_break"],
+            },
+            "decision": decision,
+            "champion": _gate_view(champion, cfg),
+            "challenger": str(version.version),
+            "candidates": [{"strategy": c["strategy"], cfg.register.primary_metric: c["primary"],
+                            cfg.register.tie_break: c["tie_break"]} for c in found],
+        }
+        _write_summary(cfg, summary)  # inside the lock: a racing promotion cannot write between swap and file
     return summary
 
 
@@ -374,13 +375,25 @@ def _swap_if_better(client, cfg: Config, version) -> dict:
     challenger_view = _gate_view(client.get_model_version(name, str(version.version)), cfg)
     promote, reason = decide_promotion(challenger_view, _gate_view(champion, cfg), cfg.register.promotion_margin)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, str(version.version))  # the one state change
-        if champion is not None:
-            client.set_model_version_tag(name, str(champion.version), "superseded_by", str(version.version))
-    client.set_model_version_tag(name, str(version.version), "gate", "promoted" if promote else "kept_champion")
-    client.set_model_version_tag(name, str(version.version), "gate_reason", reason)
+        _make_champion(client, name, version, champion, reason)
+    else:
+        client.set_model_version_tag(name, str(version.version), "gate", "kept_champion")
+        client.set_model_version_tag(name, str(version.version), "gate_reason", reason)
     return {"promoted": promote, "reason": reason,
             "previous_champion": None if champion is None else str(champion.version)}
+
+
+def _make_champion(client, name: str, version, previous, reason: str) -> None:
+    """Inside the lock: the one state change (the alias), then the tags that record it, so that exactly the
+    champion is tagged gate=promoted without a superseded_by (a version promoted again loses its old one)."""
+    number = str(version.version)
+    client.set_registered_model_alias(name, CHAMPION, number)
+    if previous is not None:
+        client.set_model_version_tag(name, str(previous.version), "superseded_by", number)
+    if "superseded_by" in (client.get_model_version(name, number).tags or {}):
+        client.delete_model_version_tag(name, number, "superseded_by")
+    client.set_model_version_tag(name, number, "gate", "promoted")
+    client.set_model_version_tag(name, number, "gate_reason", reason)
 
 
 def promote(cfg: Config, version: str | int, *, gate: bool = False) -> dict:
@@ -401,16 +414,13 @@ def promote(cfg: Config, version: str | int, *, gate: bool = False) -> dict:
             decision = {**_swap_if_better(client, cfg, target)}
             decision["changed"] = decision["promoted"]
         else:
-            client.set_registered_model_alias(name, CHAMPION, str(target.version))
-            if current is not None:
-                client.set_model_version_tag(name, str(current.version), "superseded_by", str(target.version))
-            client.set_model_version_tag(name, str(target.version), "gate", "promoted")
-            client.set_model_version_tag(name, str(target.version), "gate_reason", "promoted by hand")
+            _make_champion(client, name, target, current, "promoted by hand")
             decision = {"promoted": True, "changed": True, "reason": "promoted by hand",
                         "previous_champion": None if current is None else str(current.version)}
         champion = _alias_version(client, name, CHAMPION)
-    summary = {"model_name": name, "version": str(version), "decision": decision, "champion": _gate_view(champion, cfg)}
-    _write_summary(cfg, {**_read_summary(cfg), **summary})
+        summary = {"model_name": name, "version": str(version), "decision": decision,
+                   "champion": _gate_view(champion, cfg)}
+        _write_summary(cfg, {**_read_summary(cfg), **summary})  # inside the lock, like the swap
     return summary
 
 
