@@ -227,7 +227,7 @@ def gpu_train_task(strategy: str, gpu: int) -> dict:
 
 
 def results_markdown(cfg: Config, names: list[str]) -> str:
-    from medvlm.registry import metric_ci, metric_value
+    from medvlm.selection import metric_ci, metric_value
 
     primary, tie = cfg.register.primary_metric, cfg.register.tie_break
     lines = [f"| model | {primary} | CI | {tie} |", "|---|---|---|---|"]

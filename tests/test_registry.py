@@ -15,7 +15,7 @@ import pytest
 from lifecycle_fakes import FACTORY, LABELS, make_model_dir, write_png
 from medvlm.config import config_from_dict
 from medvlm.errors import ModelError, RegistryError
-from medvlm.registry import decide_promotion, metric_ci, metric_value, pick_best
+from medvlm.selection import decide_promotion, metric_ci, metric_value, pick_best
 from medvlm.resolve import resolve_model
 
 TESTS = Path(__file__).resolve().parent
