@@ -154,6 +154,7 @@ def test_bad_twins_do_not_quarantine_good_rows(tmp_path):
         _row("yes_label", "images/scan0.png", labels={"pneumonia": "yes", "nodule": 0}),
         _row("two_label", "images/scan1.png", labels={"pneumonia": 2, "nodule": 0}),
         _row("empty_report", "images/scan2.png", "", labels={"pneumonia": 0, "nodule": 0}),
+        _row("good11", "images/scan5.png", "   "),  # a blank report under a good row's study id, listed first
         _row("empty_and_yes", "images/scan3.png", "", labels={"pneumonia": "yes", "nodule": 1}),
         _row("bad_keys", "images/scan4.png", labels={"pneumonia": 0, "covid": 1}),
         _row("yes_again", "images/scan0.png", labels={"pneumonia": 0, "nodule": "yes"}),
@@ -161,7 +162,7 @@ def test_bad_twins_do_not_quarantine_good_rows(tmp_path):
     # two good rows of one image that disagree: still a real conflict, both quarantined
     disputed = [_row("disputed_a", "images/disputed.png", labels={"pneumonia": 1, "nodule": 0}),
                 _row("disputed_b", "images/disputed.png", labels={"pneumonia": 0, "nodule": 0})]
-    rows = good[:6] + bad[:3] + good[6:] + bad[3:] + disputed
+    rows = good[:6] + bad[:4] + good[6:] + bad[4:] + disputed
     with (root / "annotation.jsonl").open("w") as fh:
         for i, row in enumerate(rows):
             fh.write(json.dumps({**row, "source_row": i}) + "\n")
@@ -172,8 +173,10 @@ def test_bad_twins_do_not_quarantine_good_rows(tmp_path):
     quarantine = pd.read_csv(tmp_path / "manifest" / "quarantine.csv", keep_default_na=False)
     assert sorted(kept["study_id"]) == sorted(f"good{i}" for i in range(12))  # every good row kept
     assert summary["rows_in"] == len(rows) == summary["rows_kept"] + summary["rows_quarantined"]
+    assert sorted(kept["source_row"]) == sorted(rows.index(r) for r in good)  # the later good11 too
     why = dict(zip(quarantine["study_id"], quarantine["reason"]))
     assert set(why) == {r["study_id"] for r in bad + disputed}
+    assert why["good11"].startswith("report_length") and "duplicate_study_id" not in why["good11"]
     for study_id in ("yes_label", "two_label", "yes_again"):
         assert why[study_id].startswith("label_value"), why[study_id]
     assert why["empty_report"].startswith("report_length") and why["bad_keys"].startswith("label_keys")
