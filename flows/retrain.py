@@ -7,7 +7,7 @@ The new data are not what params.yaml / dvc.lock describe, so this flow calls th
 derived configuration whose data and outputs all live under retrain.workdir; the DVC-tracked pipeline outputs are
 never overwritten behind DVC's back. Ingestion keeps the test set fixed: the rows of the current DVC split keep
 their split and every ingested row goes to training, so the new model is scored on the same studies as the
-champion and the gate can compare them (see medvlm.registry.split_content_hash).
+champion and the gate can compare them (see medvlm.selection.split_content_hash).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ monitor's trigger."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -15,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lifecycle_fakes import FakePredictor  # noqa: E402
-from medvlm.errors import DataError  # noqa: E402
+from medvlm.errors import DataError, MedVLMError  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,6 +97,65 @@ def test_transient_failures_are_retried_user_errors_are_not(tmp_path, monkeypatc
     state = pipeline.pipeline_flow(params=write_params(tmp_path), return_state=True)
     assert state.is_failed()
     assert attempts["split"] == 2 and attempts["report"] == 1 and "register" not in attempts
+
+
+def _stub_dvc(tmp: Path, monkeypatch, script: str) -> Path:
+    """A `dvc` shell script first on PATH (this interpreter's bin folder after it); every call appends its
+    arguments to calls.txt ($n: the call's number). The real run_dvc_stage then runs it as it would run DVC."""
+    from flows import pipeline
+
+    bin_dir = tmp / "stub_bin"
+    bin_dir.mkdir(parents=True)
+    calls = tmp / "calls.txt"
+    stub = bin_dir / "dvc"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nn=$(wc -l < "{calls}")\n{script}\n')
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    assert shutil.which(pipeline.DVC, path=pipeline._venv_env()["PATH"]) == str(stub)  # never the real DVC here
+    return calls
+
+
+def test_a_stage_that_stops_on_a_user_error_is_run_once(tmp_path, monkeypatch):
+    """The real run_dvc_stage: a stage whose command exits 2 (the CLI's ConfigError/DataError) is not retried."""
+    from flows import pipeline
+
+    # what `dvc repro` prints and returns when the stage's `medvlm` command stops on a ConfigError
+    calls = _stub_dvc(tmp_path, monkeypatch, 'echo "error: params.yaml: validate.max_bad_fraction must be <= 1" >&2\n'
+                      'echo "ERROR: failed to reproduce \'$3\': failed to run: medvlm synthesize, exited with 2" >&2\n'
+                      'exit 255')
+    monkeypatch.setattr(pipeline.steps, "gpus", lambda: 0)
+    state = pipeline.pipeline_flow(params=write_params(tmp_path), return_state=True)
+    assert state.is_failed()
+    assert calls.read_text().splitlines() == ["repro --single-item synthesize"]  # once, though task_retries is 2
+    with pytest.raises(MedVLMError, match="validate.max_bad_fraction must be <= 1"):
+        state.result()
+
+
+def test_dvc_exiting_2_is_a_user_error_other_exits_are_not(tmp_path, monkeypatch):
+    from flows import pipeline
+
+    calls = _stub_dvc(tmp_path, monkeypatch, 'if [ "$n" -eq 1 ]; then echo "error: bad argument" >&2; exit 2; fi\n'
+                                            'echo "ERROR: failed to reproduce \'$3\': failed to run: x, exited with 1"'
+                                            ' >&2\nexit 255')
+    with pytest.raises(MedVLMError, match="dvc repro split stopped on a user error: bad argument"):
+        pipeline.run_dvc_stage("split")
+    with pytest.raises(RuntimeError, match="exit 255") as err:  # the stage's command crashed (exit 1): may pass
+        pipeline.run_dvc_stage("split")
+    assert not isinstance(err.value, MedVLMError) and len(calls.read_text().splitlines()) == 2
+
+
+def test_a_transient_stage_failure_is_retried_and_passes(tmp_path, monkeypatch):
+    """The real run_dvc_stage: DVC failing once (a lock held by another run: exit 1), then passing, is retried
+    and the flow goes on through every stage."""
+    from flows import pipeline
+
+    calls = _stub_dvc(tmp_path, monkeypatch, 'if [ "$n" -eq 1 ]; then echo "ERROR: Unable to acquire lock" >&2; '
+                                            'exit 1; fi\nexit 0')
+    monkeypatch.setattr(pipeline.steps, "gpus", lambda: 0)
+    result = pipeline.pipeline_flow(params=write_params(tmp_path))
+    ran = [line.split()[-1] for line in calls.read_text().splitlines()]
+    assert ran[:2] == ["synthesize", "synthesize"] and ran[2:] == [s["stage"] for s in result["stages"][1:]]
+    assert ran[-1] == "register" and "monitor" not in ran
 
 
 def _write_base(tmp: Path):

@@ -15,7 +15,7 @@ import pytest
 from lifecycle_fakes import FACTORY, LABELS, make_model_dir, write_png
 from medvlm.config import config_from_dict
 from medvlm.errors import ModelError, RegistryError
-from medvlm.registry import decide_promotion, metric_ci, metric_value, pick_best
+from medvlm.selection import decide_promotion, metric_ci, metric_value, pick_best
 from medvlm.resolve import resolve_model
 
 TESTS = Path(__file__).resolve().parent
@@ -134,7 +134,9 @@ def test_worse_is_not_promoted_better_is_and_repeats_change_nothing(lifecycle):
 
 
 def test_racing_gated_promotions_leave_the_best_champion(lifecycle):
-    """Versions 2 (0.40) and 3 (0.70) race against champion 1 (0.50): whatever the order, 3 must win."""
+    """Versions 2 (0.40) and 3 (0.70) race against champion 1 (0.50): whatever the order, 3 must win. A smoke test
+    (no errors, one champion): with these scores every interleaving ends with 3, lock or not; the race that needs
+    the lock is forced in test_racing_challengers_that_both_beat_the_champion."""
     from medvlm.registry import champion_version, promote
 
     root, cfg, _ = lifecycle
@@ -163,6 +165,95 @@ def test_racing_gated_promotions_leave_the_best_champion(lifecycle):
     procs = [subprocess.Popen([sys.executable, "-c", code, v]) for v in ("2", "3")]
     assert all(p.wait(timeout=90) == 0 for p in procs)
     assert champion_version(cfg) in {"2", "3"}
+
+
+def _race_two_challengers(cfg, monkeypatch, first: str, second: str, wait_s: float = 2.0) -> None:
+    """Gated promotions of `first` and `second`, forced to interleave where a race would hurt: `first` reads the
+    champion, then waits (up to wait_s) until `second` has read it too; `second` swaps only after `first` is
+    done. With the promotion lock `second` cannot read before `first` is done, so the waits just time out."""
+    from medvlm import registry
+
+    first_read, second_read, first_done = threading.Event(), threading.Event(), threading.Event()
+    gate = registry.decide_promotion  # called between reading the champion and swapping the alias
+
+    def slow_gate(challenger, champion, margin):
+        if challenger["version"] == first:
+            first_read.set()
+            second_read.wait(wait_s)
+        else:
+            second_read.set()
+            first_done.wait(wait_s)
+        return gate(challenger, champion, margin)
+
+    monkeypatch.setattr(registry, "decide_promotion", slow_gate)
+    errors = []
+
+    def run(version, done=None):
+        try:
+            registry.promote(cfg, version, gate=True)
+        except Exception as exc:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(exc)
+        finally:
+            if done is not None:
+                done.set()
+
+    threads = [threading.Thread(target=run, args=(first, first_done)), threading.Thread(target=run, args=(second,))]
+    threads[0].start()
+    assert first_read.wait(60)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not errors and not any(t.is_alive() for t in threads)
+
+
+def _disagreements(cfg) -> list[str]:
+    """Where the champion alias, reports/registry.json and the version tags tell different stories."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cfg.register.tracking_uri)
+    name = cfg.register.model_name
+    alias = str(client.get_model_version_by_alias(name, "champion").version)
+    problems = []
+    saved = json.loads((Path(cfg.evaluate.out_dir) / "registry.json").read_text())
+    if saved["champion"]["version"] != alias:
+        problems.append(f"registry.json names v{saved['champion']['version']}, the alias v{alias}")
+    standing = sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'")
+                      if v.tags.get("gate") == "promoted" and "superseded_by" not in v.tags)
+    if standing != [alias]:
+        problems.append(f"tags: promoted and never superseded {standing}, the alias v{alias}")
+    return problems
+
+
+def test_racing_challengers_that_both_beat_the_champion(lifecycle, monkeypatch):
+    """Champion v2 (0.40); v3 (0.70) and v1 (0.50) both beat it. v3 reads the champion first and v1 swaps last:
+    only the lock (the champion re-read inside it) stops v1 from replacing v3."""
+    from medvlm.registry import champion_version, promote
+
+    root, cfg, _ = lifecycle
+    promote(cfg, "2")  # by hand
+    assert not _disagreements(cfg)
+    _race_two_challengers(cfg, monkeypatch, first="3", second="1")
+    assert champion_version(cfg) == "3"
+    assert not _disagreements(cfg)
+    saved = json.loads((Path(cfg.evaluate.out_dir) / "registry.json").read_text())
+    assert saved["champion"]["primary"] == 0.7
+
+
+def test_the_race_test_detects_a_missing_lock(lifecycle, monkeypatch):
+    """The same race with the lock replaced by a no-op: v1 (0.50) ends as champion over v3 (0.70), and v3's tags
+    still say it was promoted and never superseded. So the test above fails without the lock."""
+    from contextlib import nullcontext
+
+    from medvlm import registry
+
+    root, cfg, _ = lifecycle
+    registry.promote(cfg, "2")
+    with monkeypatch.context() as patched:
+        patched.setattr(registry, "promotion_lock", lambda cfg: nullcontext())
+        _race_two_challengers(cfg, patched, first="3", second="1")
+    assert registry.champion_version(cfg) == "1"
+    assert any("tags" in problem for problem in _disagreements(cfg))
+    registry.promote(cfg, "3")  # by hand: leave the store as the lock would have
 
 
 def test_resolve_model_specs(lifecycle, tmp_path):

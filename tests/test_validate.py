@@ -33,7 +33,7 @@ def _dataset(root):
     """Six good rows and one crafted bad row per rule; returns {study_id: expected reason or None}."""
     for i in range(6):
         _png(root / "images" / f"good{i}.png", seed=i)
-    for i in range(7):  # bad rows get their own images, or they would also conflict with a good row's labels
+    for i in range(7):  # bad rows get their own images here (bad twins: test_bad_twins_do_not_quarantine_good_rows)
         _png(root / "images" / f"other{i}.png", seed=20 + i)
     _png(root / "images" / "shared.png", seed=10)
     _png(root / "images" / "conflict.png", seed=11)
@@ -139,3 +139,56 @@ def test_too_many_bad_rows_fail_with_one_line(tmp_path):
     message = str(err.value)
     assert "\n" not in message and "13 of 21 rows quarantined" in message and "max_bad_fraction" in message
     assert (tmp_path / "manifest" / "quarantine.csv").is_file()  # written before failing, to be read
+
+
+def test_bad_twins_do_not_quarantine_good_rows(tmp_path):
+    """A new user's mixed folder: good images reused in rows with their own defect (a label "yes" or 2, an empty
+    report, unknown label keys). Those rows are quarantined for their defect; their good twins are all kept, and
+    only rows that pass their own checks take part in the same-image label-conflict decision."""
+    root = tmp_path / "data"
+    for i in range(12):
+        _png(root / "images" / f"scan{i}.png", seed=100 + i)
+    _png(root / "images" / "disputed.png", seed=200)
+    good = [_row(f"good{i}", f"images/scan{i}.png") for i in range(12)]
+    bad = [
+        _row("yes_label", "images/scan0.png", labels={"pneumonia": "yes", "nodule": 0}),
+        _row("two_label", "images/scan1.png", labels={"pneumonia": 2, "nodule": 0}),
+        _row("empty_report", "images/scan2.png", "", labels={"pneumonia": 0, "nodule": 0}),
+        _row("good11", "images/scan5.png", "   "),  # a blank report under a good row's study id, listed first
+        _row("empty_and_yes", "images/scan3.png", "", labels={"pneumonia": "yes", "nodule": 1}),
+        _row("bad_keys", "images/scan4.png", labels={"pneumonia": 0, "covid": 1}),
+        _row("yes_again", "images/scan0.png", labels={"pneumonia": 0, "nodule": "yes"}),
+    ]
+    # two good rows of one image that disagree: still a real conflict, both quarantined
+    disputed = [_row("disputed_a", "images/disputed.png", labels={"pneumonia": 1, "nodule": 0}),
+                _row("disputed_b", "images/disputed.png", labels={"pneumonia": 0, "nodule": 0})]
+    rows = good[:6] + bad[:4] + good[6:] + bad[4:] + disputed
+    with (root / "annotation.jsonl").open("w") as fh:
+        for i, row in enumerate(rows):
+            fh.write(json.dumps({**row, "source_row": i}) + "\n")
+
+    summary = run_validation(_cfg(tmp_path, root))
+
+    kept = read_manifest(tmp_path / "manifest" / "validated.jsonl")
+    quarantine = pd.read_csv(tmp_path / "manifest" / "quarantine.csv", keep_default_na=False)
+    assert sorted(kept["study_id"]) == sorted(f"good{i}" for i in range(12))  # every good row kept
+    assert summary["rows_in"] == len(rows) == summary["rows_kept"] + summary["rows_quarantined"]
+    assert sorted(kept["source_row"]) == sorted(rows.index(r) for r in good)  # the later good11 too
+    why = dict(zip(quarantine["study_id"], quarantine["reason"]))
+    assert set(why) == {r["study_id"] for r in bad + disputed}
+    assert why["good11"].startswith("report_length") and "duplicate_study_id" not in why["good11"]
+    for study_id in ("yes_label", "two_label", "yes_again"):
+        assert why[study_id].startswith("label_value"), why[study_id]
+    assert why["empty_report"].startswith("report_length") and why["bad_keys"].startswith("label_keys")
+    own = {r["study_id"] for r in bad}
+    assert not any("duplicate_image_label_conflict" in why[s] for s in own)  # blamed for their own defect only
+    assert why["disputed_a"] == why["disputed_b"] == "duplicate_image_label_conflict"
+    assert summary["reasons"]["duplicate_image_label_conflict"] == 2
+    # the summary still lists every reused image, with all its rows, bad twins included
+    groups = {tuple(sorted(g["study_ids"])): g for g in summary["duplicate_images"]}
+    assert ("good0", "yes_again", "yes_label") in groups and ("empty_report", "good2") in groups
+    assert not groups[("good0", "yes_again", "yes_label")]["labels_conflict"]
+    src = {r["study_id"]: i for i, r in enumerate(rows)}
+    assert sorted(groups[("good0", "yes_again", "yes_label")]["own_defect_rows"]) == sorted(
+        [src["yes_label"], src["yes_again"]])
+    assert groups[("disputed_a", "disputed_b")]["labels_conflict"]

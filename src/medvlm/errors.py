@@ -35,3 +35,7 @@ class EvaluationError(MedVLMError):
 
 class RegistryError(MedVLMError):
     """The MLflow tracking server / registry is unreachable or inconsistent."""
+
+
+class StageFailed(MedVLMError):
+    """A pipeline stage's command stopped on a user error (the CLI's exit code 2): retrying cannot fix it."""

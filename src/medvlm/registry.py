@@ -5,17 +5,15 @@ on the primary metric (tie-break second) by `register.promotion_margin`, measure
 test-split hash is a version tag). Promotion is one alias swap done under a file lock next to the tracking store
 with the state re-read inside the lock, so two racing flows end with exactly one, the better, champion, and a
 repeated promotion changes nothing. The alias is the only promotion state; tags and descriptions are the record
-of why, written after the swap, so a crash can never leave a "half-promoted" model.
+of why, written after the swap (still inside the lock, like reports/registry.json), so a crash can never leave a
+"half-promoted" model, and the champion is the one version tagged gate=promoted without a superseded_by.
 
 `medvlm.resolve.resolve_model(spec)` turns what a user types after `--model` into a local model folder.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import re
 import tempfile
 from contextlib import contextmanager
 from importlib import metadata
@@ -24,135 +22,22 @@ from urllib.parse import urlparse
 
 from medvlm.config import Config
 from medvlm.errors import RegistryError
-from medvlm.manifest import read_manifest
+from medvlm.model_card import model_card, numeric_metrics
+from medvlm.selection import (  # noqa: F401 (metric_ci ... split_content_hash: also their old import path)
+    artifact_hash,
+    candidates,
+    decide_promotion,
+    metric_ci,
+    metric_value,
+    pick_best,
+    split_content_hash,
+    test_data_hash,
+)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # pip requirements recorded with the pyfunc model (inferring them would load the model in a subprocess)
 RUNTIME_PACKAGES = ("torch", "transformers", "peft", "safetensors", "pillow", "pandas", "numpy", "mlflow", "pydicom")
 METRIC_TAG = "metric."  # version tag prefix for metric values
-log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- metrics of the candidates
-def metric_value(metrics: dict, name: str) -> float | None:
-    """A metric from a reports/metrics/<name>.json, whichever nesting evaluate chose: top level or under
-    "metrics"/"nlg", as a number or a {"value"|"mean"|"point": x, ...} dict."""
-    for scope in (metrics, metrics.get("metrics", {}), metrics.get("nlg", {})):
-        if isinstance(scope, dict) and name in scope:
-            value = scope[name]
-            if isinstance(value, dict):
-                value = next((value[k] for k in ("value", "mean", "point", "estimate") if k in value), None)
-            if isinstance(value, (int, float)) and value == value:
-                return float(value)
-    return None
-
-
-def metric_ci(metrics: dict, name: str) -> tuple[float, float] | None:
-    for scope in (metrics, metrics.get("metrics", {}), metrics.get("nlg", {}), metrics.get("ci", {})):
-        if not isinstance(scope, dict):
-            continue
-        value = scope.get(name)
-        if isinstance(value, dict):
-            if "ci" in value and isinstance(value["ci"], (list, tuple)) and len(value["ci"]) == 2:
-                return float(value["ci"][0]), float(value["ci"][1])
-            lo, hi = value.get("ci_low", value.get("low")), value.get("ci_high", value.get("high"))
-            if lo is not None and hi is not None:
-                return float(lo), float(hi)
-        if isinstance(value, (list, tuple)) and len(value) == 2 and scope is metrics.get("ci"):
-            return float(value[0]), float(value[1])
-        pair = scope.get(f"{name}_ci")
-        if isinstance(pair, (list, tuple)) and len(pair) == 2:
-            return float(pair[0]), float(pair[1])
-    return None
-
-
-def test_data_hash(cfg: Config, metrics: dict) -> str:
-    """Which test set the metrics were measured on: the hash evaluate recorded, else the test split's sha256."""
-    for key in ("test_data_hash", "data_hash", "test_hash", "split_hash"):
-        if isinstance(metrics.get(key), str) and metrics[key]:
-            return metrics[key]
-    return split_content_hash(Path(cfg.split.out_dir) / "test.jsonl")
-
-
-def split_content_hash(path: Path) -> str:
-    """sha256 of a split's (image hash, report) pairs, sorted: the same studies give the same hash wherever
-    their files live and whatever the row order (a retrain that keeps the test set stays comparable)."""
-    if not path.is_file():
-        return "unknown"
-    rows = read_manifest(path)
-    if rows.empty:
-        return "unknown"
-    image_key = rows["image_hash"] if "image_hash" in rows else rows["images"].map(json.dumps)
-    pairs = sorted(f"{img}\t{report}" for img, report in zip(image_key, rows["report"]))
-    return hashlib.sha256("\n".join(pairs).encode("utf-8")).hexdigest()
-
-
-def candidates(cfg: Config) -> list[dict]:
-    """Every trained strategy with a model folder and a metrics file, with its primary and tie-break metric."""
-    found = []
-    for strategy in cfg.train.strategies:
-        model_dir = Path(cfg.train.out_dir) / strategy
-        metrics_file = Path(cfg.evaluate.out_dir) / "metrics" / f"{strategy}.json"
-        if not (model_dir / "model_config.json").is_file() or not metrics_file.is_file():
-            log.info("register: %s skipped (no %s or %s)", strategy, model_dir / "model_config.json", metrics_file)
-            continue
-        try:
-            metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise RegistryError(f"{metrics_file}: not valid JSON ({exc.msg})") from None
-        primary = metric_value(metrics, cfg.register.primary_metric)
-        if primary is None:
-            raise RegistryError(f"{metrics_file}: has no metric {cfg.register.primary_metric!r} (register.primary_metric)")
-        found.append(
-            {
-                "strategy": strategy,
-                "model_dir": str(model_dir),
-                "metrics_file": str(metrics_file),
-                "metrics": metrics,
-                "primary": primary,
-                "tie_break": metric_value(metrics, cfg.register.tie_break) or 0.0,
-                "data_hash": test_data_hash(cfg, metrics),
-            }
-        )
-    return found
-
-
-def pick_best(found: list[dict]) -> dict:
-    if not found:
-        raise RegistryError("no trained model with metrics: run `dvc repro evaluate` (models/<strategy>/ + reports/metrics/<strategy>.json)")
-    return max(found, key=lambda c: (c["primary"], c["tie_break"]))
-
-
-def decide_promotion(challenger: dict, champion: dict | None, margin: float) -> tuple[bool, str]:
-    """The gate. Both dicts: {"version", "primary", "tie_break", "data_hash"} (champion None = there is none)."""
-    if champion is None:
-        return True, "no champion yet"
-    if str(champion["version"]) == str(challenger["version"]):
-        return False, f"version {challenger['version']} is already champion"
-    if champion.get("data_hash") != challenger.get("data_hash"):
-        return False, (
-            f"not comparable: champion v{champion['version']} was scored on test set {str(champion.get('data_hash'))[:12]}, "
-            f"challenger on {str(challenger.get('data_hash'))[:12]}; promote by hand (`medvlm promote {challenger['version']}`)"
-        )
-    gain = challenger["primary"] - champion["primary"]
-    if gain > margin or (gain == margin == 0 and challenger["tie_break"] > champion["tie_break"]):
-        return True, f"beats champion v{champion['version']}: primary {challenger['primary']:.4f} vs {champion['primary']:.4f}"
-    return False, (
-        f"does not beat champion v{champion['version']} by margin {margin}: primary "
-        f"{challenger['primary']:.4f} vs {champion['primary']:.4f} (tie-break {challenger['tie_break']:.4f} vs {champion['tie_break']:.4f})"
-    )
-
-
-def artifact_hash(model_dir: str | Path) -> str:
-    """Content hash of a model folder: registering the same weights twice reuses the version instead of adding one."""
-    digest = hashlib.sha256()
-    root = Path(model_dir)
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(root)).encode("utf-8") + b"\0")
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- tracking store
@@ -293,25 +178,25 @@ def register(cfg: Config, *, predictor_factory: str | None = None) -> dict:
         client.set_registered_model_alias(name, CHALLENGER, version.version)
         decision = _swap_if_better(client, cfg, version)
         champion = _alias_version(client, name, CHAMPION)
-    summary = {
-        "model_name": name,
-        "tracking_uri": cfg.register.tracking_uri,
-        "registered": {
-            "version": str(version.version),
-            "strategy": best["strategy"],
-            "run_id": run_id,
-            "reused_existing_version": reused,
-            "data_hash": best["data_hash"],
-            cfg.register.primary_metric: best["primary"],
-            cfg.register.tie_break: best["tie_break"],
-        },
-        "decision": decision,
-        "champion": _gate_view(champion, cfg),
-        "challenger": str(version.version),
-        "candidates": [{"strategy": c["strategy"], cfg.register.primary_metric: c["primary"],
-                        cfg.register.tie_break: c["tie_break"]} for c in found],
-    }
-    _write_summary(cfg, summary)
+        summary = {
+            "model_name": name,
+            "tracking_uri": cfg.register.tracking_uri,
+            "registered": {
+                "version": str(version.version),
+                "strategy": best["strategy"],
+                "run_id": run_id,
+                "reused_existing_version": reused,
+                "data_hash": best["data_hash"],
+                cfg.register.primary_metric: best["primary"],
+                cfg.register.tie_break: best["tie_break"],
+            },
+            "decision": decision,
+            "champion": _gate_view(champion, cfg),
+            "challenger": str(version.version),
+            "candidates": [{"strategy": c["strategy"], cfg.register.primary_metric: c["primary"],
+                            cfg.register.tie_break: c["tie_break"]} for c in found],
+        }
+        _write_summary(cfg, summary)  # inside the lock: a racing promotion cannot write between swap and file
     return summary
 
 
@@ -332,7 +217,7 @@ def _register_version(client, cfg: Config, best: dict, found: list[dict], factor
         "strategy": best["strategy"],
         "data_hash": best["data_hash"],
         "artifact_hash": weights,
-        **{METRIC_TAG + k: str(v) for k, v in _numeric_metrics(best["metrics"]).items()},
+        **{METRIC_TAG + k: str(v) for k, v in numeric_metrics(best["metrics"]).items()},
         METRIC_TAG + cfg.register.primary_metric: str(best["primary"]),
         METRIC_TAG + cfg.register.tie_break: str(best["tie_break"]),
     }
@@ -344,7 +229,7 @@ def _register_version(client, cfg: Config, best: dict, found: list[dict], factor
         ) as run:
             mlflow.set_tags({"stage": "register", "strategy": best["strategy"], "data_hash": best["data_hash"]})
             mlflow.log_params(_flat_params(cfg, best["strategy"]))
-            mlflow.log_metrics(_numeric_metrics(best["metrics"]))
+            mlflow.log_metrics(numeric_metrics(best["metrics"]))
             mlflow.log_text(card, "model_card.md")
             mlflow.log_dict(best["metrics"], "metrics.json")
             card_dir = Path(run_tmp)
@@ -374,13 +259,25 @@ def _swap_if_better(client, cfg: Config, version) -> dict:
     challenger_view = _gate_view(client.get_model_version(name, str(version.version)), cfg)
     promote, reason = decide_promotion(challenger_view, _gate_view(champion, cfg), cfg.register.promotion_margin)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, str(version.version))  # the one state change
-        if champion is not None:
-            client.set_model_version_tag(name, str(champion.version), "superseded_by", str(version.version))
-    client.set_model_version_tag(name, str(version.version), "gate", "promoted" if promote else "kept_champion")
-    client.set_model_version_tag(name, str(version.version), "gate_reason", reason)
+        _make_champion(client, name, version, champion, reason)
+    else:
+        client.set_model_version_tag(name, str(version.version), "gate", "kept_champion")
+        client.set_model_version_tag(name, str(version.version), "gate_reason", reason)
     return {"promoted": promote, "reason": reason,
             "previous_champion": None if champion is None else str(champion.version)}
+
+
+def _make_champion(client, name: str, version, previous, reason: str) -> None:
+    """Inside the lock: the one state change (the alias), then the tags that record it, so that exactly the
+    champion is tagged gate=promoted without a superseded_by (a version promoted again loses its old one)."""
+    number = str(version.version)
+    client.set_registered_model_alias(name, CHAMPION, number)
+    if previous is not None:
+        client.set_model_version_tag(name, str(previous.version), "superseded_by", number)
+    if "superseded_by" in (client.get_model_version(name, number).tags or {}):
+        client.delete_model_version_tag(name, number, "superseded_by")
+    client.set_model_version_tag(name, number, "gate", "promoted")
+    client.set_model_version_tag(name, number, "gate_reason", reason)
 
 
 def promote(cfg: Config, version: str | int, *, gate: bool = False) -> dict:
@@ -401,16 +298,13 @@ def promote(cfg: Config, version: str | int, *, gate: bool = False) -> dict:
             decision = {**_swap_if_better(client, cfg, target)}
             decision["changed"] = decision["promoted"]
         else:
-            client.set_registered_model_alias(name, CHAMPION, str(target.version))
-            if current is not None:
-                client.set_model_version_tag(name, str(current.version), "superseded_by", str(target.version))
-            client.set_model_version_tag(name, str(target.version), "gate", "promoted")
-            client.set_model_version_tag(name, str(target.version), "gate_reason", "promoted by hand")
+            _make_champion(client, name, target, current, "promoted by hand")
             decision = {"promoted": True, "changed": True, "reason": "promoted by hand",
                         "previous_champion": None if current is None else str(current.version)}
         champion = _alias_version(client, name, CHAMPION)
-    summary = {"model_name": name, "version": str(version), "decision": decision, "champion": _gate_view(champion, cfg)}
-    _write_summary(cfg, {**_read_summary(cfg), **summary})
+        summary = {"model_name": name, "version": str(version), "decision": decision,
+                   "champion": _gate_view(champion, cfg)}
+        _write_summary(cfg, {**_read_summary(cfg), **summary})  # inside the lock, like the swap
     return summary
 
 
@@ -434,18 +328,6 @@ def _read_summary(cfg: Config) -> dict:
         return {}
 
 
-def _numeric_metrics(metrics: dict) -> dict[str, float]:
-    out = {}
-    for scope in (metrics, metrics.get("metrics", {}), metrics.get("nlg", {})):
-        if not isinstance(scope, dict):
-            continue
-        for key in scope:
-            value = metric_value(scope, key)
-            if value is not None and re.fullmatch(r"[\w\-. /]+", key):
-                out.setdefault(key, value)
-    return out
-
-
 def _flat_params(cfg: Config, strategy: str) -> dict[str, str]:
     params = {"strategy": strategy, **{f"model.{k}": v for k, v in cfg.model.model_dump().items() if k != "prompts"}}
     params.update({f"train.{k}": v for k, v in cfg.train.model_dump().items() if not isinstance(v, dict)})
@@ -463,53 +345,3 @@ def _pip_requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return reqs
-
-
-# ---------------------------------------------------------------- model card
-def model_card(cfg: Config, best: dict, found: list[dict]) -> str:
-    metrics = best["metrics"]
-    rows = []
-    for name, value in _numeric_metrics(metrics).items():
-        ci = metric_ci(metrics, name)
-        ci_text = f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "n/a"
-        rows.append(f"| {name} | {value:.4f} | {ci_text} |")
-    others = "\n".join(f"| {c['strategy']} | {c['primary']:.4f} | {c['tie_break']:.4f} |" for c in found)
-    conventions = metrics.get("conventions") if isinstance(metrics.get("conventions"), dict) else {}
-    convention = conventions.get("nlg") or metrics.get("preprocessing") or getattr(cfg.evaluate, "preprocessing", "n/a")
-    strategy_cfg = getattr(cfg.train, best["strategy"], None)
-    return f"""# MedVLM model card: {cfg.register.model_name} ({best['strategy']})
-
-Radiology report generation for lung CT / chest X-ray images: vision encoder `{cfg.model.vision}` ->
-discrimination-enhanced module ({'on' if cfg.model.discrimination else 'off'}) -> Q-Former
-({cfg.model.qformer_queries} queries) -> causal LM `{cfg.model.lm}` (first {cfg.model.lm_layers or 'all'} layers),
-fine-tuned with **{best['strategy']}** {strategy_cfg.model_dump() if strategy_cfg is not None else ''}.
-
-## Data
-- test-set hash (sha256): `{best['data_hash']}`
-- data source: `{cfg.data.source}` at `{cfg.data.root}`, report language `{cfg.data.report_language}`
-- labels: {', '.join(cfg.data.label_names)} (primary: {cfg.data.primary_label})
-
-## Metrics on the test split ({cfg.evaluate.confidence:.0%} bootstrap CIs, {cfg.evaluate.bootstrap_iterations} resamples)
-| metric | value | CI |
-|---|---|---|
-{chr(10).join(rows) or '| (none) | | |'}
-
-Selection: highest `{cfg.register.primary_metric}` (tie-break `{cfg.register.tie_break}`) among:
-
-| strategy | {cfg.register.primary_metric} | {cfg.register.tie_break} |
-|---|---|---|
-{others}
-
-## Conventions
-- text metrics: pycocoevalcap corpus BLEU/METEOR/ROUGE-L/CIDEr, preprocessing `{convention}`; decoding
-  beam {cfg.generate.num_beams}, at most {cfg.generate.max_new_tokens} new tokens.
-- input: one grayscale image (PNG/JPEG/TIFF/DICOM; CT DICOM windowed to the lung window); output: a report and
-  one probability per label.
-- pyfunc input: DataFrame column `image` = base64 image bytes; output: `report`, `prob_<label>`.
-
-## Limits
-- Research software, not a medical device: every report needs a radiologist's review.
-- Trained on `{cfg.data.source}` data only; the default profile uses synthetic phantom images, whose reports
-  say nothing about real patients. Expect drift on other scanners, populations and languages (see `medvlm monitor`).
-- Metrics compare models on one test set; versions scored on different test sets are not ranked by the gate.
-"""

@@ -8,6 +8,9 @@ reason. So the Data Docs and quarantine.csv cannot disagree.
 Duplicates: the same image with two different reports is legitimate (COV-CTR has 6: two radiologists' texts),
 both rows are kept and listed in the summary. The same image with conflicting labels cannot be right for
 both rows, so all rows of such an image are quarantined. A repeated study id quarantines the later rows.
+These cross-row rules run in a second suite, over the rows that passed their own checks only: a row that is
+already quarantined for its own defect (a label "yes", an empty report) takes no part, so it cannot drag a good
+row of the same image or study id into quarantine. The summary still lists every image used by several rows.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def run_validation(cfg: Config) -> dict:
         "max_bad_fraction": vcfg.max_bad_fraction,
         "reasons": dict(sorted(reason_counts.items())),
         "expectations": expectations,
-        "duplicate_images": _duplicate_groups(df, checks),
+        "duplicate_images": _duplicate_groups(df, checks, reasons),
         "outputs": {
             "validated": str(out_manifest / VALIDATED),
             "quarantine": str(out_manifest / QUARANTINE),
@@ -144,13 +147,21 @@ def _row_checks(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
             }
         )
     checks = pd.DataFrame(facts, index=df.index)
-    checks["study_id_repeat"] = checks["study_id"].duplicated(keep="first")
-    # a content hash whose rows disagree on labels: every row of it is suspect
-    hashed = checks[checks["image_hash"].notna()]
+    return checks.astype(object).where(checks.notna(), None)
+
+
+def _cross_row_checks(checks: pd.DataFrame, own_ok: pd.Series) -> pd.DataFrame:
+    """The facts that compare rows, among the rows that passed their own checks (own_ok); None elsewhere, which
+    Great Expectations skips, so a row with its own defect is blamed for that alone and decides nothing."""
+    out = checks.copy()
+    ok = checks[own_ok]
+    out["study_id_repeat"] = ok["study_id"].duplicated(keep="first").reindex(checks.index)
+    # a content hash whose (good) rows disagree on labels: every good row of it is suspect
+    hashed = ok[ok["image_hash"].notna()]
     conflicting = hashed.groupby("image_hash")["labels_json"].nunique()
     conflict_hashes = set(conflicting[conflicting > 1].index)
-    checks["hash_label_conflict"] = checks["image_hash"].map(lambda h: h in conflict_hashes if h else None)
-    return checks.astype(object).where(checks.notna(), None)
+    out["hash_label_conflict"] = hashed["image_hash"].map(lambda h: h in conflict_hashes).reindex(checks.index)
+    return out.astype(object).where(out.notna(), None)
 
 
 def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str, Any]:
@@ -178,8 +189,12 @@ def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str,
     return facts
 
 
+CROSS_ROW = ("duplicate_study_id", "duplicate_image_label_conflict")  # reasons judged after the per-row ones
+
+
 def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
-    """(reason, expectation class name, kwargs). Reasons are what quarantine.csv and the summary count."""
+    """(reason, expectation class name, kwargs). Reasons are what quarantine.csv and the summary count.
+    The CROSS_ROW reasons compare rows; they run in a second suite, over the rows that passed the others."""
     vcfg = cfg.validation
     specs = [
         ("load_error", "ExpectColumnValuesToBeNull", {"column": "load_error"}),
@@ -215,7 +230,23 @@ def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
 
 
 def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
-    """Run the suite with a Great Expectations checkpoint; return per-expectation results and row -> reasons."""
+    """Run the per-row suite, then the cross-row suite over the rows it kept, with Great Expectations
+    checkpoints (one Data Docs site shows both); return per-expectation results and row -> reasons."""
+    context = _gx_context(docs_dir)
+    specs = _expectation_specs(cfg)
+    schema = [ROW, "load_error", "report", "images_exist", "images_decode", "image_hash", "label_keys_match"]
+    own_specs = [spec for spec in specs if spec[0] not in CROSS_ROW]
+    summaries, reasons = _run_suite(context, "manifest_rows", own_specs, checks, schema)
+    own_ok = pd.Series([row not in reasons for row in checks.index], index=checks.index)
+    cross = _cross_row_checks(checks, own_ok)
+    cross_specs = [spec for spec in specs if spec[0] in CROSS_ROW]
+    more, cross_reasons = _run_suite(context, "manifest_cross_rows", cross_specs, cross, [ROW])
+    for row, why in cross_reasons.items():
+        reasons.setdefault(row, []).extend(why)
+    return summaries + more, reasons
+
+
+def _gx_context(docs_dir: Path):
     import great_expectations as gx  # imported here: ~5 s, only this stage needs it
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -240,23 +271,27 @@ def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tupl
         analytics_enabled=False,
         progress_bars=ProgressBarsConfig(globally=False),
     )
-    context = gx.get_context(project_config=project, mode="ephemeral")
-    schema = [ROW, "load_error", "report", "images_exist", "images_decode", "image_hash", "label_keys_match"]
-    suite = gx.ExpectationSuite(name="manifest_rows")
+    return gx.get_context(project_config=project, mode="ephemeral")
+
+
+def _run_suite(
+    context, name: str, specs: list[tuple[str, str, dict]], checks: pd.DataFrame, schema: list[str]
+) -> tuple[list[dict], dict[int, list[str]]]:
+    """One suite (named `name`) over the check table: per-expectation results and row index -> reasons."""
+    import great_expectations as gx
+
+    suite = gx.ExpectationSuite(name=name)
     suite.add_expectation(gx.expectations.ExpectTableColumnsToMatchSet(column_set=schema, exact_match=False))
-    by_id: dict[str, str] = {}
-    for reason, class_name, kwargs in _expectation_specs(cfg):
+    for reason, class_name, kwargs in specs:
         expectation = getattr(gx.expectations, class_name)(**kwargs, meta={"reason": reason})
         suite.add_expectation(expectation)
     suite = context.suites.add(suite)
-    asset = context.data_sources.add_pandas("manifest").add_dataframe_asset("rows")
+    asset = context.data_sources.add_pandas(name).add_dataframe_asset("rows")
     batch = asset.add_batch_definition_whole_dataframe("all_rows")
-    definition = context.validation_definitions.add(
-        gx.ValidationDefinition(name="manifest_rows", data=batch, suite=suite)
-    )
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
-            name="validate",
+            name=f"validate_{name}",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["local"])],
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [ROW]},
@@ -295,21 +330,26 @@ def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tupl
     return summaries, {index[row]: why for row, why in reasons.items()}
 
 
-def _duplicate_groups(df: pd.DataFrame, checks: pd.DataFrame) -> list[dict]:
-    """Images that appear in more than one row: who they are, and whether reports/labels differ."""
+def _duplicate_groups(df: pd.DataFrame, checks: pd.DataFrame, reasons: dict[int, list[str]]) -> list[dict]:
+    """Images that appear in more than one row: who they are, and whether reports/labels differ. Every row of
+    the image is listed; labels_conflict is the decision, made among the rows without a defect of their own
+    (those are named in own_defect_rows)."""
+    own_defect = {row for row, why in reasons.items() if any(w.split(":", 1)[0] not in CROSS_ROW for w in why)}
     groups = []
     hashed = checks[checks["image_hash"].notna()]
     for digest, members in hashed.groupby("image_hash", sort=True):
         if len(members) < 2:
             continue
         rows = df.loc[members.index]
+        judged = members[[row not in own_defect for row in members.index]]
         groups.append(
             {
                 "image_hash": digest,
                 "study_ids": rows["study_id"].tolist(),
                 "source_rows": [int(r) for r in rows["source_row"]],
                 "reports_differ": rows["report"].astype(str).nunique() > 1,
-                "labels_conflict": members["labels_json"].nunique() > 1,
+                "labels_conflict": judged["labels_json"].nunique() > 1,
+                "own_defect_rows": [int(df.loc[row, "source_row"]) for row in members.index if row in own_defect],
             }
         )
     return groups
