@@ -90,6 +90,14 @@ class FeaturesConfig(_Section):
     max_views: int = Field(2, ge=1)  # concat: views kept per study (first ones); fewer views are repeated to fill
 
 
+class RetrievalConfig(_Section):
+    """Retrieval-augmented generation: the k most similar training studies (cosine of the pretrained visual
+    embedding) written into the prompt as similar cases; training uses leave-group-out neighbours."""
+    enabled: bool = False
+    k: int = Field(2, ge=1)  # neighbours per image
+    report_words: int = Field(40, ge=1)  # words kept of each neighbour's report
+
+
 class ModelConfig(_Section):
     vision: str = "efficientnet-lite0"
     tune_vision_blocks: int = Field(1, ge=0)
@@ -132,6 +140,7 @@ class ModelConfig(_Section):
     # BCE of the label classifier weighted per label by negatives/positives of the training split (capped at this
     # ratio; 0 = unweighted), so rare findings are not learned as "always absent".
     disc_pos_weight_max: float = Field(0.0, ge=0.0)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":
@@ -366,6 +375,8 @@ class Config(_Section):
     def _zero_shot_needs_pretraining(self) -> "Config":
         if self.model.clues and self.model.clue_source == "zero_shot" and not self.pretrain.enabled:
             raise ValueError("model.clue_source=zero_shot needs the contrastive encoder: set pretrain.enabled=true")
+        if self.model.retrieval.enabled and self.features.multi_view == "concat":
+            raise ValueError("model.retrieval embeds one view per study: use features.multi_view=mean with it")
         return self
 
 

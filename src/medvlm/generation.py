@@ -49,16 +49,20 @@ def _prompt_embeds(model: MedVLM, queries: torch.Tensor, posts: list[list[int]]
 
 @torch.no_grad()
 def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig, prompt_index: int = 0,
-                 ) -> tuple[list[list[int]], torch.Tensor | None]:
-    """Token ids of the best hypothesis per sample (end token excluded) and label probabilities (or None)."""
+                 contexts: list[str] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Token ids of the best hypothesis per sample (end token excluded) and label probabilities (or None).
+    `contexts`: similar-case text per sample; None = from the model's retrieval index when it has one."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     queries, disc_logits = model.visual_queries(trunk_features.to(device))
+    if contexts is None:
+        contexts, _ = model.retrieval_contexts(trunk_features.to(device))
     batch, beams = queries.shape[0], gen.num_beams
     # beams hold indices into the output vocabulary (== token ids unless the vocabulary is closed)
     eos = int(model.output_index(torch.tensor([model.layout.eos], device=device)))
-    embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits))
+    embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits,
+                                                                                   contexts=contexts))
     # (B*K, ...): beams of a sample are adjacent and share its prompt length, so beam reordering keeps `lengths`
     embeds, prompt_mask, lengths = (x.repeat_interleave(beams, dim=0) for x in (embeds, prompt_mask, lengths))
     rows = embeds.shape[0]

@@ -53,6 +53,10 @@ class Predictor:
         model.load_trainable_state_dict(load_file(weights))
         model.set_output_vocab(meta.get("output_vocab"))
         model.set_label_thresholds(meta.get("dem_thresholds"))
+        if trained.model.retrieval.enabled:
+            from medvlm.retrieval_index import RetrievalIndex
+
+            model.retrieval_index = RetrievalIndex.load(model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         meta["load_seconds"] = round(time.perf_counter() - started, 2)
@@ -62,17 +66,22 @@ class Predictor:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _rows(self, reports: list[str], probs: torch.Tensor | None) -> list[dict]:
+    def _rows(self, reports: list[str], probs: torch.Tensor | None, similar: list[list] | None = None) -> list[dict]:
         out = []
         for i, report in enumerate(reports):
             p = {name: float(probs[i, k]) for k, name in enumerate(self.label_names)} if probs is not None else {}
-            out.append({"report": report, "probabilities": p})
+            row = {"report": report, "probabilities": p}
+            if similar is not None:  # model.retrieval: the training cases the prompt showed
+                row["similar_cases"] = [{"study_id": n.study_id, "similarity": n.similarity} for n in similar[i]]
+            out.append(row)
         return out
 
     def predict_features(self, features: torch.Tensor, batch_size: int | None = None) -> list[dict]:
         """Reports for cached trunk features (N, *trunk shape) from the features stage."""
-        reports, probs = generate_reports(self.model, features.to(self.device), self.cfg.generate, batch_size)
-        return self._rows(reports, probs)
+        features = features.to(self.device)
+        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size)
+        _, similar = self.model.retrieval_contexts(features)
+        return self._rows(reports, probs, similar)
 
     def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
         """Reports for raw images, one study per image: [{"report": str, "probabilities": {label: p}}] (empty dict

@@ -41,6 +41,7 @@ from medvlm.model.clues import load_zero_shot
 from medvlm.model.discrimination import balanced_pos_weight
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
 from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
+from medvlm.retrieval_index import RetrievalIndex, embed, split_group_keys
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
 
 LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
@@ -53,6 +54,9 @@ class TrainData:
     reports: list[list[int]]  # token ids ending with eos
     labels: torch.Tensor  # (N, K) float 0/1
     study_ids: list[str]
+    texts: list[str] | None = None  # the reports as written (the retrieval index holds them)
+    groups: list[str] | None = None  # split group per study (leave-group-out neighbours)
+    contexts: list[str] | None = None  # similar-case prompt text per study (model.retrieval)
 
 
 def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=None) -> TrainData:
@@ -68,7 +72,17 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
             raise DataError(f"{split_file}:{lineno}: labels lack {missing}")
         labels.append([float(row_labels[n]) for n in cfg.data.label_names])
     reports = [model.layout.encode_report(str(r)) for r in rows["report"]]
-    return TrainData(features, reports, torch.tensor(labels), ids)
+    groups = split_group_keys(rows, cfg.data.group_by) if cfg.model.retrieval.enabled else None
+    return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups)
+
+
+def attach_retrieval(model: MedVLM, data: TrainData, cfg: Config) -> None:
+    """Build the retrieval index from the training split and every study's leave-group-out similar cases."""
+    spec = cfg.model.retrieval
+    embeddings = embed(model.retrieval_tail, data.features)
+    model.retrieval_index = RetrievalIndex(embeddings, data.study_ids, data.groups, data.texts)
+    hits = model.retrieval_index.search(embeddings, spec.k, exclude_groups=data.groups)
+    data.contexts = [model.retrieval_index.context(h, spec.report_words) for h in hits]
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         load_zero_shot(model.clues.zero_shot, cfg)
     data = load_train_data(cfg, model, cached=cached)
     model.disc_pos_weight = balanced_pos_weight(data.labels, cfg.model.disc_pos_weight_max)
+    if cfg.model.retrieval.enabled:
+        attach_retrieval(model, data, cfg)
     if cfg.model.closed_vocab:
         model.set_output_vocab([t for report in data.reports for t in report])
     if cuda:
@@ -219,7 +235,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                             continue
                         with accelerator.autocast():
                             out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
-                                        data.labels[idx], [int(prompts[i]) for i in idx])
+                                        data.labels[idx], [int(prompts[i]) for i in idx],
+                                        [data.contexts[i] for i in idx] if data.contexts else None)
                         accelerator.backward(out["loss"] / cfg.train.grad_accum)
                         for key in sums:
                             if key in out:
@@ -336,6 +353,8 @@ def save_trained(model: MedVLM, cfg: Config, strategy: str, out_dir: Path, log_r
         "medvlm_version": __version__, "train_summary": {k: v for k, v in summary.items() if k != "out_dir"},
         "config": cfg.model_dump(mode="json", by_alias=True),
     }, indent=2))
+    if model.retrieval_index is not None:
+        model.retrieval_index.save(out_dir)
     log_path = out_dir / "train_log.csv"
     with log_path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)

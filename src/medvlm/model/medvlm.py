@@ -9,6 +9,8 @@ end token, and the LM head (49k-vocab, a large share of the CPU cost) is applied
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,10 @@ class MedVLM(nn.Module):
         # whether the label logits are trained (DEM or the clue module's classifier) rather than zero-shot
         self.supervised_logits = self.dem is not None or (self.clues is not None and self.clues.classifier is not None)
         self.bridge = QFormerBridge(cfg.model, width, lm_width)
+        # retrieval-augmented generation: a frozen copy of the *pretrained* tail embeds images for the index, which
+        # training (train.py) or Predictor.load fills from the training split
+        self.retrieval_tail = copy.deepcopy(self.vision.tail).requires_grad_(False) if cfg.model.retrieval.enabled else None
+        self.retrieval_index = None
         self.disc_pos_weight: torch.Tensor | None = None  # per-label BCE weight (set by training, model.disc_pos_weight_max)
         self.prefix = None
         self.output_vocab: list[int] | None = None
@@ -81,18 +87,31 @@ class MedVLM(nn.Module):
             queries = torch.cat([queries, clue_tokens.to(queries.dtype)], dim=1)
         return queries, logits
 
-    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None,
-                 labels: torch.Tensor | None = None) -> list[list[int]]:
-        """Per-sample prompt ids after the soft tokens. With model.prior_prompt they list the findings. By default
-        (prior_source predicted) the *predicted* ones, in training too, so the input looks as it will at test time.
-        prior_source labels: in training the true findings (`labels`), so the LM learns to write what is listed;
-        at test time (no labels) the classifier fills the list, cut at its per-label thresholds."""
+    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None, labels: torch.Tensor | None = None,
+                 contexts: list[str] | None = None) -> list[list[int]]:
+        """Per-sample prompt ids after the soft tokens: the prompt, the similar cases (`contexts`, model.retrieval)
+        and, with model.prior_prompt, the findings. By default (prior_source predicted) the *predicted* ones, in
+        training too, so the input looks as it will at test time. prior_source labels: in training the true
+        findings (`labels`), so the LM learns to write what is listed; at test time (no labels) the classifier
+        fills the list, cut at its per-label thresholds."""
+        contexts = contexts or [None] * len(prompt_index)
         if not self.layout.prior:
-            return [self.layout.posts[p] for p in prompt_index]
+            return [self.layout.post_ids(p, None, c) for p, c in zip(prompt_index, contexts)]
         if labels is not None and self.cfg.model.prior_source == "labels":
-            return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, labels.float().cpu().tolist())]
-        probs = torch.sigmoid(logits.detach().float()).cpu().tolist()
-        return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, probs)]
+            rows = labels.float().cpu().tolist()
+        else:
+            rows = torch.sigmoid(logits.detach().float()).cpu().tolist()
+        return [self.layout.post_ids(p, row, c) for p, row, c in zip(prompt_index, rows, contexts)]
+
+    def retrieval_contexts(self, trunk_features: torch.Tensor) -> tuple[list[str] | None, list[list] | None]:
+        """(prompt text, neighbours) per sample from the saved retrieval index (model.retrieval); (None, None) off."""
+        if self.retrieval_index is None:
+            return None, None
+        from medvlm.retrieval_index import embed
+
+        spec = self.cfg.model.retrieval
+        hits = self.retrieval_index.search(embed(self.retrieval_tail, trunk_features.float()).cpu(), spec.k)
+        return [self.retrieval_index.context(h, spec.report_words) for h in hits], hits
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
         return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
@@ -146,15 +165,16 @@ class MedVLM(nn.Module):
 
     # ---- training forward --------------------------------------------------------------------------------------
     def forward(self, trunk_features: torch.Tensor, reports: list[list[int]], labels: torch.Tensor | None = None,
-                prompt_index: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1."""
+                prompt_index: list[int] | None = None, contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1; `contexts`
+        the similar-case text per sample (model.retrieval; training passes leave-group-out neighbours)."""
         queries, logits = self.visual_queries(trunk_features)
         batch, n_query, _ = queries.shape
         device = queries.device
         pre = self.layout.pre
         prompt_index = prompt_index or [0] * batch
         # Per-sample token ids after the soft tokens: prompt tail, then the report (right padded).
-        posts = self.post_ids(prompt_index, logits, labels if self.training else None)
+        posts = self.post_ids(prompt_index, logits, labels if self.training else None, contexts)
         tails = [post + r for post, r in zip(posts, reports)]
         length = len(pre) + n_query + max(len(t) for t in tails)
         ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)

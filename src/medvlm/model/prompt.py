@@ -63,20 +63,24 @@ class PromptLayout:
             self._post_texts.append(after.split(_PRIOR_MARK))
         self.pre = pres[0]
 
-    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None) -> list[int]:
-        """Ids after the soft tokens; with the prior prompt on, `probs` (one per label) add the predicted findings."""
-        if not self.prior:
+    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None, context: str | None = None) -> list[int]:
+        """Ids after the soft tokens. With the prior prompt on, `probs` (one per label) add the predicted findings;
+        `context` (retrieval-augmented generation: the similar cases) comes before them."""
+        parts = [context] if context else []
+        if self.prior:
+            if probs is None:
+                raise ConfigError("model.prior_prompt is on but no predicted probabilities reached the prompt")
+            cut = self.thresholds if self.thresholds is not None else self.threshold
+            parts.append(prior_knowledge_text(probs, self.label_names, cut, self.prior_probabilities))
+        if not parts:
             return self.posts[prompt_index]
-        if probs is None:
-            raise ConfigError("model.prior_prompt is on but no predicted probabilities reached the prompt")
-        cut = self.thresholds if self.thresholds is not None else self.threshold
-        prior = prior_knowledge_text(probs, self.label_names, cut, self.prior_probabilities)
+        extra = " ".join(parts)
         if not self.template:
-            return self.tokenizer(prior, add_special_tokens=False)["input_ids"] + [self.bos]
-        # the whole post text is tokenised at once, so the prior's first word merges with what precedes it as
-        # the tokenizer would merge it in running text
+            return self.tokenizer(extra, add_special_tokens=False)["input_ids"] + [self.bos]
+        # the whole post text is tokenised at once, so the extra text's first word merges with what precedes it
+        # as the tokenizer would merge it in running text
         head, tail = self._post_texts[prompt_index]
-        return self.tokenizer(f"{head} {prior}{tail}", add_special_tokens=False)["input_ids"]
+        return self.tokenizer(f"{head} {extra}{tail}", add_special_tokens=False)["input_ids"]
 
     def encode_report(self, report: str) -> list[int]:
         ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens - 1]
