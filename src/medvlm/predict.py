@@ -84,12 +84,15 @@ def run_predictions(
     def rounded(pred: dict) -> dict:
         return {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}
 
+    def similar(pred: dict) -> dict:  # model.retrieval: the training cases its prompt showed
+        return {"similar_cases": pred["similar_cases"]} if "similar_cases" in pred else {}
+
     if study:
         images, kept = decode(files)
         if images:
             pred = predictor.predict_studies([images])[0]
             outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
-                                    "probabilities": rounded(pred)})
+                                    "probabilities": rounded(pred), **similar(pred)})
         return outcome
     batch_size = cfg.generate.batch_size
     progress = Progress(
@@ -103,7 +106,8 @@ def run_predictions(
             images, kept = decode(batch)
             if images:
                 for path, pred in zip(kept, predictor.predict(images)):
-                    outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred)})
+                    outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred),
+                                            **similar(pred)})
             progress.advance(task, len(batch))
     return outcome
 
@@ -116,11 +120,17 @@ def format_results(results: list[dict], fmt: str) -> str:
         for r in results:
             probs = " | ".join(f"{k} {v:.2f}" for k, v in r["probabilities"].items())
             parts.append(f"## {r['path']}\n\n{r['report']}\n\n*probabilities:* {probs}\n")
+            if r.get("similar_cases"):
+                parts.append("*similar cases:* " + ", ".join(f"{c['study_id']} ({c['similarity']:.2f})"
+                                                            for c in r["similar_cases"]) + "\n")
         return "\n".join(parts)
     lines = []
     for r in results:
         probs = ", ".join(f"{k}={v:.2f}" for k, v in r["probabilities"].items())
-        lines += [f"== {r['path']}", r["report"], f"probabilities: {probs}", ""]
+        lines += [f"== {r['path']}", r["report"], f"probabilities: {probs}"]
+        if r.get("similar_cases"):
+            lines.append("similar cases: " + ", ".join(f"{c['study_id']} ({c['similarity']:.2f})" for c in r["similar_cases"]))
+        lines.append("")
     return "\n".join(lines)
 
 

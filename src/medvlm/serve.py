@@ -69,7 +69,10 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
 
         pred = await run_in_threadpool(_run)
         probs = {k: float(v) for k, v in pred.get("probabilities", {}).items()}
-        return {"report": pred["report"], "probabilities": probs}
+        out = {"report": pred["report"], "probabilities": probs}
+        if "similar_cases" in pred:  # model.retrieval: the training cases the prompt showed (study id, similarity)
+            out["similar_cases"] = pred["similar_cases"]
+        return out
 
     return app
 
