@@ -85,3 +85,25 @@ def test_dem_figures_use_the_models_thresholds_and_follow_rates_are_reported(tmp
     assert tuned["collapse_unique_share"]["value"] == 1.0
     assert tuned["collapse_train_copy_rate"]["value"] == pytest.approx(0.5)
     assert np.isfinite(tuned["DEM_macro_auroc"]["value"])
+
+
+def test_finding_tokens_weigh_more_than_boilerplate(tmp_path):
+    from medvlm.train import token_weights
+
+    reports = [[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 3, 9], [1, 2, 5, 9]]  # 1, 2, 9 in every report
+    w = token_weights(reports, vocab_size=10, strength=4.0)
+    assert w[1] == w[2] == w[9] == 1.0
+    assert 1.0 < w[3] < w[4] == w[5] == 5.0  # rarer -> heavier; the rarest get 1 + strength
+    assert token_weights(reports, 10, 0.0) is None
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    model = MedVLM(cfg, "freeze").eval()  # no dropout: the same batch gives the same per-token losses
+    feats = torch.randn(2, *TRUNK_SHAPE)
+    target = [model.layout.encode_report("ground glass opacity in the right lower lobe .")] * 2
+    plain = float(model(feats, target)["lm_loss"])
+    model.token_loss_weight = torch.ones(model.lm.get_input_embeddings().num_embeddings)
+    assert float(model(feats, target)["lm_loss"]) == pytest.approx(plain, rel=1e-5)  # all ones = plain mean
+    model.token_loss_weight[target[0][0]] = 50.0  # the first report token dominates the weighted mean
+    first_only = float(model(feats, [target[0][:1]] * 2)["lm_loss"])
+    weighted = float(model(feats, target)["lm_loss"])
+    assert abs(weighted - first_only) < abs(plain - first_only)

@@ -141,6 +141,10 @@ class ModelConfig(_Section):
     # ratio; 0 = unweighted), so rare findings are not learned as "always absent".
     disc_pos_weight_max: float = Field(0.0, ge=0.0)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    # Report-token loss weight 1 + finding_token_weight * idf(token) / max idf over the training reports: tokens in
+    # every report (boilerplate) keep weight 1, rare ones (the findings) weigh more, so the few tokens that decide
+    # what a report says are not drowned by the sentences every report repeats. 0 = plain mean.
+    finding_token_weight: float = Field(0.0, ge=0.0)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":

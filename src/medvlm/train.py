@@ -76,6 +76,18 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
     return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups)
 
 
+def token_weights(reports: list[list[int]], vocab_size: int, strength: float) -> torch.Tensor | None:
+    """(vocab,) loss weights 1 + strength * idf / max idf (document frequency over the training reports); None
+    when strength is 0. A token in every report gets 1; unseen tokens get 1 + strength."""
+    if strength <= 0:
+        return None
+    df = torch.zeros(vocab_size)
+    for ids in reports:
+        df[torch.tensor(sorted(set(ids)), dtype=torch.long)] += 1
+    idf = torch.log(len(reports) / df.clamp(min=1.0))
+    return 1.0 + strength * idf / idf.max().clamp(min=1e-9)
+
+
 def attach_retrieval(model: MedVLM, data: TrainData, cfg: Config) -> None:
     """Build the retrieval index from the training split and every study's leave-group-out similar cases."""
     spec = cfg.model.retrieval
@@ -175,6 +187,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         load_zero_shot(model.clues.zero_shot, cfg)
     data = load_train_data(cfg, model, cached=cached)
     model.disc_pos_weight = balanced_pos_weight(data.labels, cfg.model.disc_pos_weight_max)
+    model.token_loss_weight = token_weights(data.reports, model.lm.get_input_embeddings().num_embeddings,
+                                            cfg.model.finding_token_weight)
     if cfg.model.retrieval.enabled:
         attach_retrieval(model, data, cfg)
     if cfg.model.closed_vocab:

@@ -53,7 +53,8 @@ class MedVLM(nn.Module):
         # training (train.py) or Predictor.load fills from the training split
         self.retrieval_tail = copy.deepcopy(self.vision.tail).requires_grad_(False) if cfg.model.retrieval.enabled else None
         self.retrieval_index = None
-        self.disc_pos_weight: torch.Tensor | None = None  # per-label BCE weight (set by training, model.disc_pos_weight_max)
+        self.disc_pos_weight: torch.Tensor | None = None
+        self.token_loss_weight: torch.Tensor | None = None  # (vocab,) report-token weights (model.finding_token_weight)  # per-label BCE weight (set by training, model.disc_pos_weight_max)
         self.prefix = None
         self.output_vocab: list[int] | None = None
         self.vocab_ids = self.vocab_lookup = None
@@ -200,7 +201,12 @@ class MedVLM(nn.Module):
         shifted = targets[:, 1:]
         where = shifted != -100
         token_logits = self.lm_head(hidden[:, :-1][where])
-        lm_loss = F.cross_entropy(token_logits.float(), self.output_index(shifted[where]))
+        if self.token_loss_weight is None:
+            lm_loss = F.cross_entropy(token_logits.float(), self.output_index(shifted[where]))
+        else:
+            per_token = F.cross_entropy(token_logits.float(), self.output_index(shifted[where]), reduction="none")
+            w = self.token_loss_weight.to(device)[shifted[where]]
+            lm_loss = (per_token * w).sum() / w.sum()
         out = {"lm_loss": lm_loss, "tokens": where.sum()}
         loss = lm_loss
         if logits is not None:
