@@ -87,8 +87,8 @@ def write_cached_split(cfg, n: int = 8, seed: int = 0, offset: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for split in ("train", "test"):
         rows = [{"study_id": f"{split}_{i}", "images": [f"images/{split}_{i}.png"], "report": REPORTS[(i + offset) % 4],
-                 "report_zh": None, "labels": LABELS[(i + offset) % 4], "split": None, "group": f"{split}_{i}", "source_row": i}
-                for i in range(n)]
+                 "report_zh": None, "labels": LABELS[(i + offset) % 4], "split": None, "group": f"{split}_{i}",
+                 "source_row": i} for i in range(n)]
         Path(cfg.split.out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.split.out_dir) / f"{split}.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -198,7 +198,8 @@ def build_ablation_table(cfg: Config, strategy: str, variants: list[str], root: 
     out = Path(cfg.evaluate.out_dir)
     rows = {"full": out / "metrics" / f"{strategy}.json"}
     for v in variants:
-        rows[v] = Path(rebase_outputs(cfg, Path(root) / v, RUN_OUTPUTS).evaluate.out_dir) / "metrics" / f"{strategy}.json"
+        variant_reports = Path(rebase_outputs(cfg, Path(root) / v, RUN_OUTPUTS).evaluate.out_dir)
+        rows[v] = variant_reports / "metrics" / f"{strategy}.json"
     results = {}
     for label, path in rows.items():
         if not path.is_file():

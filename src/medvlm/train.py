@@ -164,7 +164,7 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     if cfg.train.multistage.enabled and world > 1:  # DDP fixes the set of parameters with gradients at wrap time
         raise ConfigError("train.multistage is single-process only (DDP cannot change the trained parameters mid-run)")
     cached = load_features(cfg, "train")  # missing / stale features fail before the LM is loaded
-    signature = run_signature(cfg, strategy, cached[0])  # a missing pre-trained tail fails here, before the LM is loaded
+    signature = run_signature(cfg, strategy, cached[0])  # a missing pre-trained tail fails here, before the LM loads
     torch.manual_seed(cfg.seed)
     model = MedVLM(cfg, strategy)
     vision_init = load_pretrained_tail(cfg, model.vision) if cfg.pretrain.enabled else "imagenet"
