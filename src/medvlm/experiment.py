@@ -29,6 +29,7 @@ from medvlm.config import Config, config_from_dict
 from medvlm.errors import ConfigError, EvaluationError
 from medvlm.paths import DATA_OUTPUTS, RUN_OUTPUTS, rebase_outputs, without_outputs
 
+
 @dataclass(frozen=True)
 class Cell:
     """One training run of the grid."""
