@@ -61,16 +61,18 @@ lock:
 	  .lockenv/bin/uv pip freeze --python .lockenv/bin/python | grep -viE '^(pip|uv|setuptools)==' ) > requirements.lock
 	rm -rf .lockenv
 
-# Ablation: the best strategy re-trained with one switch flipped, each variant in its own runs/ and reports/
-# folders (params overrides only; the default pipeline's outputs are untouched). ~4 min per variant on 2 cores.
+# Ablation: the best strategy re-trained with one switch flipped, each variant's models, checkpoints and reports in
+# runs/ablation/<variant>/ (`--out-root`; the default pipeline's outputs are untouched; pretrain-vision only writes
+# its marker unless pretrain.enabled). ~4 min per variant on 2 cores.
 ABLATION_STRATEGY ?= freeze
 ABLATIONS ?= no_discrimination:model.discrimination=false no_prompt:model.prompt_template=false clues:model.clues=true prior_prompt:model.prior_prompt=true
 ablation: install
 	for v in $(ABLATIONS); do name=$${v%%:*}; set=$${v#*:}; \
-	  opts="-S $$set -S train.out_dir=runs/ablation/$$name/models -S train.checkpoint_dir=runs/ablation/$$name/checkpoints -S evaluate.out_dir=reports/ablation/$$name"; \
-	  medvlm $$opts train --strategy $(ABLATION_STRATEGY) >/dev/null && medvlm $$opts evaluate $(ABLATION_STRATEGY) >/dev/null || exit 1; \
+	  opts="-S $$set --out-root runs/ablation/$$name"; \
+	  medvlm $$opts pretrain-vision >/dev/null && medvlm $$opts train --strategy $(ABLATION_STRATEGY) >/dev/null && \
+	  medvlm $$opts evaluate $(ABLATION_STRATEGY) >/dev/null || exit 1; \
 	done
-	medvlm report-ablation --strategy $(ABLATION_STRATEGY) $(foreach v,$(ABLATIONS),$(firstword $(subst :, ,$(v))))
+	medvlm report-ablation --root runs/ablation --strategy $(ABLATION_STRATEGY) $(foreach v,$(ABLATIONS),$(firstword $(subst :, ,$(v))))
 
 # An experiment grid (params `experiment:`): strategy x ablation variant x seed, in runs/experiments/<name>/.
 # Re-running continues where it stopped. E.g. make experiment EXPERIMENT_OPTS="-S experiment.seeds=[0,1,2]"

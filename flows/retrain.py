@@ -27,25 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flows.pipeline import load_cfg, results_markdown, transient  # noqa: E402
 from medvlm.config import Config  # noqa: E402
 from medvlm.errors import DataError  # noqa: E402
+from medvlm.paths import rebase_outputs  # noqa: E402
 
 
 def retrain_config(cfg: Config) -> Config:
-    """Every input and output of the retraining under retrain.workdir; the registry stays the shared one."""
+    """Every input and output of the retraining under retrain.workdir (checkpoints included: a retrain never resumes
+    the pipeline's run); the registry stays the shared one."""
     ws = Path(cfg.retrain.workdir)
-    return cfg.model_copy(
+    moved = rebase_outputs(cfg, ws)
+    return moved.model_copy(
         update={
-            "data": cfg.data.model_copy(update={"root": str(ws / "data"), "manifest": "annotation.jsonl",
-                                                "source": "jsonl", "image_dir": ""}),
-            "validate_": cfg.validation.model_copy(update={"out_dir": str(ws / "reports" / "validation"),
-                                                            "manifest_dir": str(ws / "data" / "manifest")}),
-            "split": cfg.split.model_copy(update={"out_dir": str(ws / "data" / "split"), "use_official": True}),
-            "features": cfg.features.model_copy(update={"out_dir": str(ws / "data" / "features")}),
-            "train": cfg.train.model_copy(update={"out_dir": str(ws / "models")}),
-            "pretrain": cfg.pretrain.model_copy(update={
-                "out_dir": str(ws / "models" / "pretrain_vision"),
-                "metrics_file": str(ws / "reports" / "pretrain" / "pretrain_vision.json")}),
-            "labeler": cfg.labeler.model_copy(update={"out_dir": str(ws / "models" / "labeler")}),
-            "evaluate": cfg.evaluate.model_copy(update={"out_dir": str(ws / "reports")}),
+            "data": moved.data.model_copy(update={"root": str(ws / "data"), "manifest": "annotation.jsonl",
+                                                  "source": "jsonl", "image_dir": ""}),
+            "split": moved.split.model_copy(update={"use_official": True}),
         }
     )
 

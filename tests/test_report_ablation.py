@@ -17,13 +17,14 @@ def _metrics(path, cider, data_hash="h1"):
 
 def test_ablation_table_rows_and_hash_check(tmp_path):
     cfg = config_from_dict({"evaluate": {"out_dir": str(tmp_path)}})
+    runs = tmp_path / "runs"  # a variant is a run of `medvlm --out-root runs/<variant>`
     _metrics(tmp_path / "metrics/freeze.json", 1.5)
-    _metrics(tmp_path / "ablation/no_disc/metrics/freeze.json", 1.1)
-    text = build_ablation_table(cfg, "freeze", ["no_disc"]).read_text()
+    _metrics(runs / "no_disc/reports/metrics/freeze.json", 1.1)
+    text = build_ablation_table(cfg, "freeze", ["no_disc"], runs).read_text()
     assert "| full | 1.500 [1.400, 1.600] |" in text and "| no_disc | 1.100 [1.000, 1.200] |" in text
 
-    _metrics(tmp_path / "ablation/no_prompt/metrics/freeze.json", 1.2, data_hash="other")
+    _metrics(runs / "no_prompt/reports/metrics/freeze.json", 1.2, data_hash="other")
     with pytest.raises(EvaluationError, match="different test splits"):
-        build_ablation_table(cfg, "freeze", ["no_disc", "no_prompt"])
+        build_ablation_table(cfg, "freeze", ["no_disc", "no_prompt"], runs)
     with pytest.raises(EvaluationError, match="missing"):
-        build_ablation_table(cfg, "freeze", ["absent"])
+        build_ablation_table(cfg, "freeze", ["absent"], runs)

@@ -81,6 +81,33 @@ def test_changed_settings_do_not_resume_a_stale_checkpoint(tmp_path):
     assert train(other, "lora")["resumed_from"] is None
 
 
+def test_changed_training_data_retrains_from_step_zero(tmp_path):
+    """Same settings, same number of rows, other data (a new split, new features): the checkpoint of the old data is
+    not resumed (it would resume at step == total, train nothing and save the old weights again)."""
+    cfg = tiny_config(tmp_path)
+    write_cached_split(cfg)
+    first = train(cfg, "lora")
+    old = _weights(cfg, "lora")
+    write_cached_split(cfg, seed=1, offset=1)
+    again = train(cfg, "lora")
+    assert again["resumed_from"] is None and again["steps"] == again["total_steps"] == first["total_steps"]
+    new = _weights(cfg, "lora")
+    assert old.keys() == new.keys() and not all(torch.equal(old[k], new[k]) for k in old)
+
+
+def test_signature_covers_the_training_data_not_only_settings(tmp_path):
+    from medvlm.train import run_signature
+
+    cfg = tiny_config(tmp_path)
+    write_cached_split(cfg)
+    feats = torch.ones(2, 3)
+    base = run_signature(cfg, "lora", feats)
+    assert run_signature(cfg, "lora", feats) == base
+    assert run_signature(cfg, "lora", feats + 1) != base  # other images (features), same split file
+    write_cached_split(cfg, offset=1)  # other reports and labels, same features
+    assert run_signature(cfg, "lora", feats) != base
+
+
 @pytest.mark.parametrize("strategy, closed", [("freeze", False), ("ptuning_v2", True)])
 def test_predictor_round_trip_gives_identical_outputs(tmp_path, strategy, closed):
     cfg = tiny_config(tmp_path, model={"closed_vocab": closed})
@@ -240,4 +267,6 @@ def test_multistage_settings_change_the_signature_only_when_enabled(tmp_path):
     base = tiny_config(tmp_path)
     off = tiny_config(tmp_path, train={"multistage": {"enabled": False, "stage1_epochs": 7}})
     on = tiny_config(tmp_path, train=MULTISTAGE)
-    assert run_signature(base, "lora") == run_signature(off, "lora") != run_signature(on, "lora")
+    feats = torch.zeros(1)
+    write_cached_split(base)  # the three share their paths
+    assert run_signature(base, "lora", feats) == run_signature(off, "lora", feats) != run_signature(on, "lora", feats)

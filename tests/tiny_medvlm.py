@@ -77,17 +77,18 @@ def tiny_config(tmp: Path, **sections):
     return config_from_dict(raw)
 
 
-def write_cached_split(cfg, n: int = 8, seed: int = 0) -> None:
-    """Split files + matching cached trunk features (random tensors), as the split and features stages write them."""
+def write_cached_split(cfg, n: int = 8, seed: int = 0, offset: int = 0) -> None:
+    """Split files + matching cached trunk features (random tensors), as the split and features stages write them.
+    `seed` draws other features, `offset` gives row i the report and labels of row i + offset: other data, same n."""
     from safetensors.torch import save_file
 
     from medvlm.features import feature_signature
 
     gen = torch.Generator().manual_seed(seed)
     for split in ("train", "test"):
-        rows = [{"study_id": f"{split}_{i}", "images": [f"images/{split}_{i}.png"], "report": REPORTS[i % 4],
-                 "report_zh": None, "labels": LABELS[i % 4], "split": None, "group": f"{split}_{i}", "source_row": i}
-                for i in range(n)]
+        rows = [{"study_id": f"{split}_{i}", "images": [f"images/{split}_{i}.png"], "report": REPORTS[(i + offset) % 4],
+                 "report_zh": None, "labels": LABELS[(i + offset) % 4], "split": None, "group": f"{split}_{i}",
+                 "source_row": i} for i in range(n)]
         Path(cfg.split.out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.split.out_dir) / f"{split}.jsonl", "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

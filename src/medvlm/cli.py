@@ -25,7 +25,7 @@ experiment_app = typer.Typer(no_args_is_help=True, help="Grids of training runs:
 app.add_typer(experiment_app, name="experiment")
 
 console = Console(stderr=True)
-_state: dict = {"params": "params.yaml", "overlays": [], "overrides": []}
+_state: dict = {"params": "params.yaml", "overlays": [], "overrides": [], "out_root": None}
 
 
 @app.callback()
@@ -33,14 +33,23 @@ def main(
     params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="params file (the single source of settings)"),
     overlay: list[Path] = typer.Option([], "--overlay", "-o", help="profile file merged over params (e.g. params/gpu.yaml)"),
     set_: list[str] = typer.Option([], "--set", "-S", help="override one setting: section.key=value (repeatable)"),
+    out_root: Optional[Path] = typer.Option(
+        None, "--out-root", help="write what a training run writes (models, checkpoints, pretraining, evaluation and "
+        "drift reports) under this folder instead; the data stages' outputs (split, features, labeler) are read "
+        "where params put them"),
 ) -> None:
-    _state.update(params=params, overlays=list(overlay), overrides=list(set_))
+    _state.update(params=params, overlays=list(overlay), overrides=list(set_), out_root=out_root)
 
 
 def _config():
     from medvlm.config import load_config
 
-    return load_config(_state["params"], _state["overlays"], _state["overrides"])
+    cfg = load_config(_state["params"], _state["overlays"], _state["overrides"])
+    if _state["out_root"] is not None:
+        from medvlm.paths import RUN_OUTPUTS, rebase_outputs
+
+        cfg = rebase_outputs(cfg, _state["out_root"], RUN_OUTPUTS)
+    return cfg
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -166,13 +175,14 @@ def report() -> None:
 @app.command("report-ablation")
 @user_errors
 def report_ablation(
-    variants: list[str] = typer.Argument(..., help="variant names under reports/ablation/"),
+    variants: list[str] = typer.Argument(..., help="variant names: folders under --root"),
     strategy: str = typer.Option("freeze", help="the strategy the variants re-train"),
+    root: Path = typer.Option(Path("runs/ablation"), help="the variants' runs: <root>/<variant> is a --out-root"),
 ) -> None:
     """Table of the full model vs its ablation variants -> reports/ablation.md."""
     from medvlm.report import build_ablation_table
 
-    typer.echo(str(build_ablation_table(_config(), strategy, variants)))
+    typer.echo(str(build_ablation_table(_config(), strategy, variants, root)))
 
 
 # ---------------------------------------------------------------- experiments

@@ -3,7 +3,8 @@
 `dvc repro` reproduces the default pipeline; an experiment answers the questions one pipeline run cannot: how the
 strategies compare with each switch flipped (ablation) and how much of a difference is seed noise. It calls the same
 stage functions as dvc.yaml (validate, split, features, train, train_labeler, evaluate, report) with every output
-path rebased under `<experiment.out_root>/<experiment.name>/`, so the default pipeline's outputs are never touched:
+path rebased under `<experiment.out_root>/<experiment.name>/` (medvlm.paths.rebase_outputs), so the default
+pipeline's outputs are never touched:
 
     <root>/data/{manifest,split,features}   <root>/models/labeler   <root>/reports/validation
     <root>/baselines/reports/                       baselines, evaluated once (they do not depend on the model)
@@ -26,15 +27,7 @@ from typing import Any
 
 from medvlm.config import Config, config_from_dict
 from medvlm.errors import ConfigError, EvaluationError
-
-# Output locations of the shared stages, relative to the experiment root.
-_SHARED_OUTPUTS = {
-    "validate.out_dir": "reports/validation",
-    "validate.manifest_dir": "data/manifest",
-    "split.out_dir": "data/split",
-    "features.out_dir": "data/features",
-    "labeler.out_dir": "models/labeler",
-}
+from medvlm.paths import DATA_OUTPUTS, RUN_OUTPUTS, rebase_outputs, without_outputs
 
 
 @dataclass(frozen=True)
@@ -71,17 +64,13 @@ def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def shared_config(cfg: Config) -> Config:
-    """The profile with the data, feature and labeler outputs under the experiment root."""
-    root = experiment_root(cfg)
-    return _with(cfg, {k: str(root / v) for k, v in _SHARED_OUTPUTS.items()})
+    """The profile with every output under the experiment root (the cells then move their own outputs again)."""
+    return rebase_outputs(cfg, experiment_root(cfg))
 
 
 def shared_signature(shared: Config) -> dict:
     """The settings the shared stages read; a change re-runs them."""
-    dump = shared.model_dump(mode="json", by_alias=True)
-    for dotted in _SHARED_OUTPUTS:  # where the outputs live is not what they were computed from
-        section, key = dotted.split(".")
-        dump[section].pop(key, None)
+    dump = without_outputs(shared.model_dump(mode="json", by_alias=True), DATA_OUTPUTS)
     return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
         "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]]}
 
@@ -95,7 +84,7 @@ def _restricted(new, old):
 
 
 def baseline_config(cfg: Config) -> Config:
-    return _with(shared_config(cfg), {"evaluate.out_dir": str(experiment_root(cfg) / "baselines" / "reports")})
+    return rebase_outputs(shared_config(cfg), experiment_root(cfg) / "baselines", ["evaluate.out_dir"])
 
 
 def variants(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -135,12 +124,10 @@ def cell_dir(cfg: Config, cell: Cell) -> Path:
 
 
 def cell_config(cfg: Config, cell: Cell) -> Config:
-    d = cell_dir(cfg, cell)
-    return _with(shared_config(cfg), {**cell.overrides, "seed": cell.seed, "train.out_dir": str(d / "models"),
-                                      "train.checkpoint_dir": str(d / "checkpoints"),
-                                      "evaluate.out_dir": str(d / "reports"),
-                                      "pretrain.out_dir": str(d / "models" / "pretrain_vision"),
-                                      "pretrain.metrics_file": str(d / "reports" / "pretrain_vision.json")})
+    """The cell's settings: the data outputs of the experiment root, its own run outputs (models, checkpoints,
+    reports) under its folder."""
+    varied = _with(shared_config(cfg), {**cell.overrides, "seed": cell.seed})
+    return rebase_outputs(varied, cell_dir(cfg, cell), RUN_OUTPUTS)
 
 
 def cell_metrics_path(cfg: Config, cell: Cell) -> Path:
@@ -179,9 +166,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     stamp_path, stamp = root / "shared_stages.json", shared_signature(shared)
     stored = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
     if stored is not None:  # stamps of older versions also recorded the output folders
-        for dotted in _SHARED_OUTPUTS:
-            section, key = dotted.split(".")
-            stored.get(section, {}).pop(key, None)
+        stored = without_outputs(stored, DATA_OUTPUTS)
     if stored is None or _restricted(stamp, stored) != stored:
         if stamp_path.is_file() and any((root / d).exists() for d in ("cells", "baselines")):
             raise ConfigError(f"{root}: this experiment was run with other data/feature/labeler settings "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from medvlm.config import Config
 from medvlm.errors import EvaluationError
+from medvlm.paths import RUN_OUTPUTS, rebase_outputs
 
 TABLE_METRICS = ["BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "medvlm_BLEU_4", "medvlm_METEOR",
                  "CE_accuracy", "CE_f1", "CE_auroc", "CE_macro_f1", "DEM_accuracy", "DEM_auroc", "DEM_macro_f1",
@@ -243,15 +244,18 @@ def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
     return path
 
 
-def build_ablation_table(cfg: Config, strategy: str, variants: list[str]) -> Path:
-    """reports/ablation.md: the full model vs each variant (reports/ablation/<variant>/metrics/<strategy>.json).
+def build_ablation_table(cfg: Config, strategy: str, variants: list[str], root: str | Path = "runs/ablation") -> Path:
+    """reports/ablation.md: the full model vs each variant, a run of `medvlm --out-root <root>/<variant>`
+    (its metrics: <root>/<variant>/reports/metrics/<strategy>.json).
 
     Variants are the same strategy re-trained with one switch flipped (see `make ablation`); the full model's row is
     the main pipeline's evaluation, so every row is scored on the same test split (hashes are checked).
     """
     out = Path(cfg.evaluate.out_dir)
     rows = {"full": out / "metrics" / f"{strategy}.json"}
-    rows.update({v: out / "ablation" / v / "metrics" / f"{strategy}.json" for v in variants})
+    for v in variants:
+        variant_reports = Path(rebase_outputs(cfg, Path(root) / v, RUN_OUTPUTS).evaluate.out_dir)
+        rows[v] = variant_reports / "metrics" / f"{strategy}.json"
     results = {}
     for label, path in rows.items():
         if not path.is_file():

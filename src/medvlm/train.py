@@ -12,8 +12,10 @@ Pre-trained vision (pretrain.enabled): the tail starts from the pretrain_vision 
 
 Reproducibility: the seed fixes initialisation, the epoch's data order (a generator seeded by seed + epoch) and the
 dropout RNG. Every cfg.train.checkpoint_every steps trainable weights, optimiser, scheduler, RNG state, step and the
-log so far go to <checkpoint_dir>/<strategy>/checkpoint.pt; a re-run after a kill resumes there and ends bit-for-bit
-where an uninterrupted run ends. Only trainable weights are written as the model:
+log so far go to <checkpoint_dir>/<strategy>/checkpoint.pt (written to a temporary file, then renamed: a kill during
+the write keeps the previous checkpoint); a re-run after a kill resumes there and ends bit-for-bit where an
+uninterrupted run ends. Only a run of the same signature (settings, training split, features, pre-trained tail)
+resumes a checkpoint: changed data train from step 0. Only trainable weights are written as the model:
 <out_dir>/<strategy>/{trainable.safetensors, model_config.json, train_log.csv}.
 """
 
@@ -114,19 +116,30 @@ def stage_plan(cfg: Config, per_epoch: int, total: int) -> list[Stage]:
     return [s for s in stages if s.end > s.start]
 
 
-def run_signature(cfg: Config, strategy: str) -> str:
-    """Everything that changes the result of a run; a checkpoint of another signature is not resumed."""
+def run_signature(cfg: Config, strategy: str, features: torch.Tensor) -> str:
+    """Everything that changes the result of a run: settings and what it learns from (the training split's content,
+    its cached `features`, the pre-trained tail); a checkpoint of another signature is not resumed, so new data
+    with as many rows retrain from step 0 instead of resuming the old run at its end."""
     exclude = {"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies"}
     if not cfg.train.multistage.enabled:  # off, its settings change nothing (and old checkpoints stay valid)
         exclude.add("multistage")
     parts = [strategy, cfg.seed, cfg.model.model_dump(), cfg.train.model_dump(exclude=exclude), cfg.data.label_names,
-             feature_signature(cfg)]
+             feature_signature(cfg), training_data_digest(cfg, features)]
     if cfg.pretrain.enabled:  # the vision tail's starting point (and the zero-shot clue source's prompts)
         parts.append({"pretrained_vision": pretrained_tail_digest(cfg)})
         if cfg.model.clues and cfg.model.clue_source == "zero_shot":
             parts.append({"zero_shot_prompts": [cfg.pretrain.label_prompt, cfg.pretrain.negative_prompt]})
     blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def training_data_digest(cfg: Config, features: torch.Tensor) -> dict[str, str]:
+    """sha256 (16 hex) of the training split file and of its cached trunk features (shape, dtype and values)."""
+    split_file = Path(cfg.split.out_dir) / "train.jsonl"
+    tensor = hashlib.sha256(f"{tuple(features.shape)} {features.dtype}".encode())
+    tensor.update(features.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
+    return {"train_split": hashlib.sha256(split_file.read_bytes()).hexdigest()[:16],
+            "features": tensor.hexdigest()[:16]}
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -179,7 +192,7 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     if cfg.train.multistage.enabled and world > 1:  # DDP fixes the set of parameters with gradients at wrap time
         raise ConfigError("train.multistage is single-process only (DDP cannot change the trained parameters mid-run)")
     cached = load_features(cfg, "train")  # missing / stale features fail before the LM is loaded
-    signature = run_signature(cfg, strategy)  # a missing pre-trained tail fails here, before the LM is loaded
+    signature = run_signature(cfg, strategy, cached[0])  # a missing pre-trained tail fails here, before the LM loads
     torch.manual_seed(cfg.seed)
     model = MedVLM(cfg, strategy)
     vision_init = load_pretrained_tail(cfg, model.vision) if cfg.pretrain.enabled else "imagenet"
