@@ -14,7 +14,7 @@ from pathlib import Path
 
 from medvlm.config import Config
 from medvlm.errors import EvaluationError
-from medvlm.report import TABLE_METRICS, _cell
+from medvlm.report import TABLE_METRICS, _cell, chain_table, collapse_table
 
 NLG = ["BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"]
 BASELINES = ("retrieval", "consensus", "cnn_transformer")  # the rows a model must beat (oracle is a ceiling)
@@ -90,6 +90,8 @@ def compare_experiments(cfg: Config, names: list[str], out: Path, title: str, no
                 if c["check"].startswith("above") and not c["met"]:
                     value = f"not above on: {value}"
                 lines.append(f"| {c['check']} | {value} | {'yes' if c['met'] else '**no**'} |")
+        results = {row: {"metrics": metrics} for row, metrics in rows.items()}
+        lines += chain_table(cfg.data.label_names, list(rows), results) + collapse_table(list(rows), results)
         lines.append("")
     if cfg.experiment.anchors:
         keys = [m for m in NLG + ["medvlm_BLEU_4", "medvlm_METEOR", "accuracy"]
