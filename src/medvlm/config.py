@@ -326,6 +326,36 @@ class ExperimentConfig(_Section):
     anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
 
 
+class VolumeConfig(_Section):
+    """CT volumes (DICOM series folder, NIfTI, NRRD): how they are loaded (MONAI) and what validation accepts."""
+
+    reader: Literal["auto", "itk", "pydicom"] = "auto"  # auto: ITK when installed, else pydicom / nibabel / pynrrd
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # (low, high) HU -> [0, 1] (Merlin's convention), clipped
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 3.0)  # mm (RAS x, y, z) to resample to; null = native
+    shape: tuple[int, int, int] = (224, 224, 160)  # voxels (x, y, z) after resampling: centre crop / pad with air
+    max_voxels: int = Field(256 * 1024 * 1024, ge=1)  # decompression-bomb guard, checked on the headers before pixels
+    # validation expectations (rows outside are quarantined)
+    min_slices: int = Field(8, ge=1)
+    max_slices: int = Field(2000, ge=1)
+    min_spacing_mm: float = Field(0.1, gt=0)
+    max_spacing_mm: float = Field(10.0, gt=0)
+    min_side: int = Field(32, ge=1)  # smallest in-plane size (voxels)
+    min_hu: float = -3024.0  # the lowest voxel must lie in [min_hu, air_hu]: a CT of a chest contains air
+    air_hu: float = -500.0
+    max_hu: float = 32767.0
+    spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)  # relative slice-gap deviation still counted as regular
+    # model.vision efficientnet-lite0-slices: slices sampled evenly along z, encoded in 2-D, pooled over depth
+    sampled_slices: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "VolumeConfig":
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"volume.hu_window {list(self.hu_window)} must be (low, high) with low < high")
+        if self.min_slices > self.max_slices:
+            raise ValueError("volume.min_slices must not exceed volume.max_slices")
+        return self
+
+
 # `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
@@ -348,6 +378,7 @@ class Config(_Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    volume: VolumeConfig = Field(default_factory=VolumeConfig)
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
