@@ -65,6 +65,27 @@ def is_volume_path(path: str | Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
+def is_series_folder(path: str | Path) -> bool:
+    """A folder whose own files (not subfolders) include at least two cross-sectional DICOM slices (with an
+    ImagePositionPatient): one volume, not a folder of separate images. Headers only."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    slices = 0
+    for child in sorted(p for p in path.iterdir() if p.is_file()):
+        try:
+            ds = pydicom.dcmread(child, stop_before_pixels=True, specific_tags=["ImagePositionPatient"])
+        except (InvalidDicomError, *_DICOM_ERRORS):
+            continue
+        slices += "ImagePositionPatient" in ds
+        if slices >= 2:
+            return True
+    return False
+
+
 def volume_format(path: str | Path) -> str:
     name = Path(path).name.lower()
     if Path(path).is_dir():
@@ -274,6 +295,20 @@ def load_volume(path: str | Path, vcfg: VolumeConfig | None = None):
     ]
     out = Compose(steps)(volume)
     return (out.as_tensor() if hasattr(out, "as_tensor") else torch.as_tensor(out)).float().contiguous()
+
+
+def volume_preview(path: str | Path, vcfg: VolumeConfig | None = None,
+                   window: tuple[float, float] = (-600.0, 1500.0)):
+    """The middle axial slice of a volume as an 8-bit PIL image in the radiological view (patient's right on the
+    image left, anterior up), lung window (center, width) by default: what 2-D consumers of a volume see."""
+    from PIL import Image
+
+    volume, _ = _load_native(Path(path), vcfg or VolumeConfig())
+    array = volume.array if hasattr(volume, "array") else np.asarray(volume)
+    plane = array[0, :, :, array.shape[-1] // 2][::-1, ::-1].T  # RAS (x, y) -> rows anterior->posterior
+    center, width = window
+    scaled = (np.clip(plane, center - width / 2, center + width / 2) - (center - width / 2)) * (255.0 / width)
+    return Image.fromarray(np.ascontiguousarray(np.round(scaled).astype(np.uint8)), mode="L")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
