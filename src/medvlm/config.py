@@ -31,6 +31,11 @@ class SynthesizeConfig(_Section):
     incoming_normal_fraction: float = Field(0.10, ge=0.0, le=1.0)
     incoming_intensity_shift: float = 0.12
     incoming_noise_scale: float = Field(2.5, gt=0.0)
+    # 3-D phantom chests instead of slices (medvlm.data.phantom3d): NIfTI volumes, every dicom_every-th a DICOM series
+    volumes: bool = False
+    volume_size: int = Field(96, ge=64)  # in-plane voxels
+    volume_slices: int = Field(24, ge=3)  # axial slices, lower / middle / upper zone thirds
+    dicom_every: int = Field(4, ge=0)  # 0 = NIfTI only
 
 
 class DataConfig(_Section):
