@@ -4,8 +4,9 @@
 
 Paths: astra-i3resnet152 (the whole 3-D ResNet-152: trunk to layer3, cached by the features stage, and the layer4
 tail that training runs, forward and forward+backward) and efficientnet-lite0-slices (volume.sampled_slices slices
-through the 2-D trunk, pooled over depth). Also the MONAI load of a phantom NIfTI volume. Memory is the process's
-peak resident set during that step (VmHWM, reset before each step), minus the resident set before it.
+through the 2-D trunk, pooled over depth). Also the MONAI load of a phantom NIfTI volume. Memory: peak_rss_mb is the
+process's peak resident set during that step (VmHWM, reset before each step; weights included), peak_extra_mb that
+minus the resident set before it (memory freed by an earlier step and reused does not count again).
 Writes reports/bench/volumes.json and prints a table.
 """
 
@@ -46,8 +47,9 @@ def measure(fn, repeats: int) -> dict:
         r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         cpu.append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
         wall.append(t1 - t0)
-    return {"cpu_s": round(min(cpu), 3), "wall_s": round(min(wall), 3),
-            "peak_extra_mb": round(_rss_mb("VmHWM") - base, 1)}
+    peak = _rss_mb("VmHWM")
+    return {"cpu_s": round(min(cpu), 3), "wall_s": round(min(wall), 3), "peak_rss_mb": round(peak, 1),
+            "peak_extra_mb": round(peak - base, 1)}
 
 
 def main() -> int:
@@ -118,10 +120,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'path':28} {'shape':12} {'step':42} {'cpu s':>7} {'wall s':>7} {'peak MB':>8}")
+    print(f"{'path':28} {'shape':12} {'step':42} {'cpu s':>7} {'wall s':>7} {'peak RSS MB':>12}")
     for r in results["rows"]:
         print(f"{r['path']:28} {r['shape']:12} {r['step']:42} {r['cpu_s']:7.2f} {r['wall_s']:7.2f} "
-              f"{r['peak_extra_mb']:8.0f}")
+              f"{r['peak_rss_mb']:12.0f}")
     print(f"wrote {out}")
     return 0
 

@@ -312,6 +312,10 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_bytes: int = Field(20_000_000, ge=1024)  # largest accepted image (decoded bytes); larger -> 413
+    # volume uploads (a NIfTI file or a zip of one DICOM series; medvlm.uploads): zip-bomb guards
+    max_volume_bytes: int = Field(1 << 30, ge=1024)  # bytes a zip may inflate to, counted while inflating
+    max_zip_members: int = Field(4096, ge=1)
+    max_zip_ratio: int = Field(100, ge=2)  # inflated / compressed bytes of one member
 
 
 class ExperimentConfig(_Section):
