@@ -55,6 +55,15 @@ def _zip(entries: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
+def _symlink_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        link = zipfile.ZipInfo("slice0")
+        link.external_attr = (0o120777 << 16)  # a symbolic link to /etc/passwd
+        zf.writestr(link, "/etc/passwd")
+    return buf.getvalue()
+
+
 def test_nifti_and_series_zip_round_trip(setup):
     import nibabel
 
@@ -78,6 +87,7 @@ def test_bad_zips_are_4xx_with_one_line(setup):
         "members": (_zip({f"s{k}": b"x" for k in range(65)}), 413, "max_zip_members"),
         "not_dicom": (_zip({"readme.txt": b"hello " * 10}), 415, "no DICOM slices"),
         "empty": (_zip({}), 422, "holds no files"),
+        "symlink": (_symlink_zip(), 400, "links refused"),
         "broken": (b"PK\x03\x04" + b"\x00" * 64, 400, "not a readable zip"),
     }
     for name, (data, status, needle) in cases.items():

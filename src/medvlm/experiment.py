@@ -83,7 +83,7 @@ def shared_signature(shared: Config) -> dict:
         section, key = dotted.split(".")
         dump[section].pop(key, None)
     return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
-        "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]]}
+        "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]], "volume": dump["volume"]}
 
 
 def _restricted(new, old):

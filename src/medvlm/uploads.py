@@ -55,8 +55,8 @@ def unpack_series_zip(data: bytes, folder: Path, cfg: Config) -> Path:
                                          f"({scfg.max_zip_members})")
         total = 0
         for i, member in enumerate(members):
-            mode = member.external_attr >> 16
-            if mode and not stat.S_ISREG(mode):
+            mode = member.external_attr >> 16  # Unix mode when the zip was made on Unix; type bits 0 = unknown
+            if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
                 raise VolumeUploadError(400, f"zip member {member.filename!r} is not a regular file (links refused)")
             if member.flag_bits & 0x1:
                 raise VolumeUploadError(400, f"zip member {member.filename!r} is encrypted")
