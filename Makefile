@@ -13,7 +13,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 TORCH_SOURCE := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 PREFECT_PORT ?= 4200
 
-.PHONY: help install run test test-fast lock ablation experiment cov-ctr bench serve-flows mlflow-ui clean
+.PHONY: help install run test test-fast lock ablation experiment cov-ctr ct3d bench serve-flows mlflow-ui clean
 
 help:
 	@echo "make run    install into $(VENV) and run 'dvc repro' on the embedded phantom data (offline)"
@@ -89,6 +89,12 @@ cov-ctr: install
 	medvlm -o params/cov_ctr.yaml -S data.root=$(COV_CTR) -S data.group_by=image_hash -S experiment.name=cov_ctr_random $(COV_CTR_OPTS) experiment run
 	medvlm -o params/cov_ctr.yaml experiment compare cov_ctr_random cov_ctr_grouped --out reports/results_cov_ctr.md --title "COV-CTR results" \
 	  --note "Profile: params.yaml + params/cov_ctr.yaml $(COV_CTR_OPTS) (CPU default: 4 of 30 SmolLM2 layers, cached trunk features; params/gpu.yaml on a GPU)."
+
+# CT volumes end to end (params/ct3d.yaml): 3-D phantom chests -> experiment (validate ... register) -> drift monitor.
+ct3d: install
+	medvlm -o params/ct3d.yaml synthesize
+	medvlm -o params/ct3d.yaml experiment run
+	medvlm -o params/ct3d.yaml monitor
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py && $(BIN)/python bench/lm_truncation.py

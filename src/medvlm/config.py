@@ -31,6 +31,11 @@ class SynthesizeConfig(_Section):
     incoming_normal_fraction: float = Field(0.10, ge=0.0, le=1.0)
     incoming_intensity_shift: float = 0.12
     incoming_noise_scale: float = Field(2.5, gt=0.0)
+    # 3-D phantom chests instead of slices (medvlm.data.phantom3d): NIfTI volumes, every dicom_every-th a DICOM series
+    volumes: bool = False
+    volume_size: int = Field(96, ge=64)  # in-plane voxels
+    volume_slices: int = Field(24, ge=3)  # axial slices, lower / middle / upper zone thirds
+    dicom_every: int = Field(4, ge=0)  # 0 = NIfTI only
 
 
 class DataConfig(_Section):
@@ -327,6 +332,10 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_bytes: int = Field(20_000_000, ge=1024)  # largest accepted image (decoded bytes); larger -> 413
+    # volume uploads (a NIfTI file or a zip of one DICOM series; medvlm.uploads): zip-bomb guards
+    max_volume_bytes: int = Field(1 << 30, ge=1024)  # bytes a zip may inflate to, counted while inflating
+    max_zip_members: int = Field(4096, ge=1)
+    max_zip_ratio: int = Field(100, ge=2)  # inflated / compressed bytes of one member
 
 
 class ExperimentConfig(_Section):
@@ -344,6 +353,36 @@ class ExperimentConfig(_Section):
     register_best: bool = False  # register the best full model of the first seed (register.model_name) when done
     goals: dict[str, dict[str, float]] = Field(default_factory=dict)  # experiment name -> {metric: minimum}
     anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
+
+
+class VolumeConfig(_Section):
+    """CT volumes (DICOM series folder, NIfTI, NRRD): how they are loaded (MONAI) and what validation accepts."""
+
+    reader: Literal["auto", "itk", "pydicom"] = "auto"  # auto: ITK when installed, else pydicom / nibabel / pynrrd
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # (low, high) HU -> [0, 1] (Merlin's convention), clipped
+    spacing: tuple[float, float, float] | None = (1.5, 1.5, 3.0)  # mm (RAS x, y, z) to resample to; null = native
+    shape: tuple[int, int, int] = (224, 224, 160)  # voxels (x, y, z) after resampling: centre crop / pad with air
+    max_voxels: int = Field(256 * 1024 * 1024, ge=1)  # decompression-bomb guard, checked on the headers before pixels
+    # validation expectations (rows outside are quarantined)
+    min_slices: int = Field(8, ge=1)
+    max_slices: int = Field(2000, ge=1)
+    min_spacing_mm: float = Field(0.1, gt=0)
+    max_spacing_mm: float = Field(10.0, gt=0)
+    min_side: int = Field(32, ge=1)  # smallest in-plane size (voxels)
+    min_hu: float = -3024.0  # the lowest voxel must lie in [min_hu, air_hu]: a CT of a chest contains air
+    air_hu: float = -500.0
+    max_hu: float = 32767.0
+    spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)  # relative slice-gap deviation still counted as regular
+    # model.vision efficientnet-lite0-slices: slices sampled evenly along z, encoded in 2-D, pooled over depth
+    sampled_slices: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "VolumeConfig":
+        if self.hu_window[0] >= self.hu_window[1]:
+            raise ValueError(f"volume.hu_window {list(self.hu_window)} must be (low, high) with low < high")
+        if self.min_slices > self.max_slices:
+            raise ValueError("volume.min_slices must not exceed volume.max_slices")
+        return self
 
 
 # `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
@@ -368,6 +407,7 @@ class Config(_Section):
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
+    volume: VolumeConfig = Field(default_factory=VolumeConfig)
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 

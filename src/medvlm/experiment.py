@@ -72,7 +72,7 @@ def shared_signature(shared: Config) -> dict:
     """The settings the shared stages read; a change re-runs them."""
     dump = without_outputs(shared.model_dump(mode="json", by_alias=True), DATA_OUTPUTS)
     return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
-        "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]]}
+        "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]], "volume": dump["volume"]}
 
 
 def _restricted(new, old):

@@ -30,6 +30,7 @@ from medvlm.config import Config
 from medvlm.errors import ConfigError, DataError
 from medvlm.manifest import read_manifest
 from medvlm.model.vision import VisionEncoder, build_vision
+from medvlm.model.vision3d import EFFICIENTNET_SLICES, VOLUME_ENCODERS, VolumeEncoder
 
 SPLITS = ("train", "test")
 
@@ -47,6 +48,12 @@ def feature_signature(cfg: Config) -> dict[str, str]:
     }
     if cfg.features.multi_view != "mean":
         signature.update(multi_view=cfg.features.multi_view, max_views=str(cfg.features.max_views))
+    if cfg.model.vision in VOLUME_ENCODERS:  # only volume encoders' caches carry these (2-D caches stay valid)
+        vol = cfg.volume
+        signature.update(volume_shape=json.dumps(list(vol.shape)), volume_spacing=json.dumps(vol.spacing and list(vol.spacing)),
+                         hu_window=json.dumps(list(vol.hu_window)))
+        if cfg.model.vision == EFFICIENTNET_SLICES:
+            signature["sampled_slices"] = str(vol.sampled_slices)
     return signature
 
 
@@ -79,13 +86,22 @@ def trunk_features(vision: VisionEncoder, images: list[Image.Image], batch_size:
     return torch.cat(out)
 
 
-def _load_study_images(row, root: Path, max_pixels: int) -> list[Image.Image]:
+def load_view(path: Path, cfg: Config, vision: VisionEncoder | None):
+    """One study image as the encoder takes it: a volume encoder gets volumes whole ((1, X, Y, Z) in [0, 1],
+    medvlm.data.volumes.load_volume); a 2-D encoder gets a PIL image (of a volume: its middle axial slice)."""
     from medvlm.data.images import load_image
+    from medvlm.data.volumes import is_volume_path, load_volume
 
+    if isinstance(vision, VolumeEncoder) and is_volume_path(path):
+        return load_volume(path, cfg.volume)
+    return load_image(path, max_pixels=cfg.validation.max_image_pixels)
+
+
+def _load_study_images(row, root: Path, cfg: Config, vision: VisionEncoder | None = None) -> list:
     paths = row["images"] if isinstance(row["images"], list) else [row["images"]]
     if not paths:
         raise DataError(f"study {row['study_id']}: no images")
-    return [load_image(root / p, max_pixels=max_pixels) for p in paths]
+    return [load_view(root / p, cfg, vision) for p in paths]
 
 
 def extract_features(cfg: Config) -> dict:
@@ -104,7 +120,7 @@ def extract_features(cfg: Config) -> dict:
         feats, n_views = [], []
         for start in range(0, len(rows), cfg.features.batch_size):
             chunk = rows.iloc[start : start + cfg.features.batch_size]
-            views = [_load_study_images(row, root, cfg.validation.max_image_pixels) for _, row in chunk.iterrows()]
+            views = [_load_study_images(row, root, cfg, vision) for _, row in chunk.iterrows()]
             feats.append(study_features(vision, views, cfg))
             n_views += [len(v) for v in views]
         tensor = torch.cat(feats).contiguous()

@@ -98,6 +98,20 @@ def _first_image(row, root: Path, max_pixels: int) -> Image.Image:
     return load_image(root / images[0], max_pixels=max_pixels)
 
 
+def _model_inputs(predictor, rows: pd.DataFrame, root: Path, images: list[Image.Image]) -> list:
+    """What the predictor's encoder takes: whole volumes for a volume encoder (the drift statistics and embeddings
+    use the middle slice of each volume), the first images otherwise."""
+    from medvlm.model.vision3d import VolumeEncoder
+
+    vision = getattr(getattr(predictor, "model", None), "vision", None)
+    if not isinstance(vision, VolumeEncoder):
+        return images
+    from medvlm.features import load_view
+
+    firsts = [r["images"][0] if isinstance(r["images"], list) else r["images"] for _, r in rows.iterrows()]
+    return [load_view(root / rel, getattr(predictor, "cfg", None), vision) for rel in firsts]
+
+
 def reference_rows(cfg: Config) -> pd.DataFrame:
     path = Path(cfg.split.out_dir) / f"{cfg.monitor.reference}.jsonl"
     rows = read_manifest(path)
@@ -206,7 +220,7 @@ def run_monitor(
 
     predictor, why_not = (predictor, None) if predictor is not None else _champion_predictor(cfg)
     if predictor is not None:
-        preds = predictor.predict(cur_images)
+        preds = predictor.predict(_model_inputs(predictor, cur_rows, cur_root, cur_images))
         threshold = cfg.labeler.threshold
         if all(primary in p.get("probabilities", {}) for p in preds):
             ref["diagnosis"] = ref_truth  # the model should see the training prevalence if nothing shifted

@@ -1,4 +1,5 @@
-"""`medvlm generate PATH...`: reports (and label probabilities) for image files, folders and DICOM files.
+"""`medvlm generate PATH...`: reports (and label probabilities) for image files, folders, DICOM files and CT volumes
+(a DICOM series folder, NIfTI, NRRD).
 
 A file that cannot be read is reported on one line and skipped; the others are still processed, and the exit code
 says that something failed. The model is whatever `--model` names (registry alias, version, URI or folder).
@@ -38,14 +39,22 @@ def collect_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
     recursively for image suffixes and DICOM files (recognised by their DICM magic)."""
     from medvlm.data.images import is_dicom
 
+    from medvlm.data.volumes import VOLUME_SUFFIXES, is_series_folder
+
     found, problems = [], []
     for raw in paths:
         path = Path(raw)
         if path.is_file():
             found.append(path)
         elif path.is_dir():
+            # a folder of CT slices (a DICOM series) is one volume, wherever it sits in the tree
+            series = [d for d in [path, *sorted(p for p in path.rglob("*") if p.is_dir())] if is_series_folder(d)]
+            found.extend(series)
             for child in sorted(p for p in path.rglob("*") if p.is_file()):
-                if child.suffix.lower() in IMAGE_SUFFIXES or (not child.suffix and _safe_is_dicom(child, is_dicom)):
+                if child.parent in series:
+                    continue
+                if (child.suffix.lower() in IMAGE_SUFFIXES or child.name.lower().endswith(VOLUME_SUFFIXES)
+                        or (not child.suffix and _safe_is_dicom(child, is_dicom))):
                     found.append(child)
         else:
             problems.append(f"{path}: no such file or folder")
@@ -66,16 +75,18 @@ def run_predictions(
     """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures.
 
     study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them."""
-    from medvlm.data.images import load_image
+    from medvlm.features import load_view
 
     outcome = Outcome()
+    vision = getattr(getattr(predictor, "model", None), "vision", None)  # a volume encoder takes volumes whole
+    view_cfg = getattr(predictor, "cfg", cfg)  # the model's own volume settings (those it was trained with)
 
     def decode(paths: list[Path]) -> tuple[list, list[Path]]:
         """Images of the decodable paths (and those paths); the others become one-line failures."""
         images, kept = [], []
         for path in paths:
             try:
-                images.append(load_image(path, max_pixels=cfg.validation.max_image_pixels))
+                images.append(load_view(path, view_cfg, vision))
                 kept.append(path)
             except DataError as exc:
                 outcome.failures.append(str(exc))

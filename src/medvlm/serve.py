@@ -3,6 +3,8 @@
     GET  /health   -> {"status": "ok", "model": ..., "labels": [...]}
     POST /predict  -> {"report": str, "probabilities": {label: p}}
          body: JSON {"image": "<base64 image bytes>"}  or  multipart/form-data with a file field "file" (or "image")
+         the bytes may also be a NIfTI volume (.nii / .nii.gz) or a zip of one DICOM series (medvlm.uploads: zip-slip
+         and zip-bomb guards, serve.max_volume_bytes / max_zip_members / max_zip_ratio)
 
 Bad input is always a 4xx with a one-line message, never a 500: 413 too large (serve.max_bytes, checked before the
 body is read when Content-Length says so, and while streaming otherwise), 415 not JSON/multipart or not an image,
@@ -26,6 +28,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from medvlm.config import Config
 from medvlm.errors import DataError
+from medvlm.uploads import upload_kind
 
 # base64 grows bytes by 4/3; the JSON or multipart envelope around the image gets this much on top
 ENVELOPE_BYTES = 64 * 1024
@@ -61,7 +64,11 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
     @app.post("/predict")
     async def predict(request: Request) -> dict:
         data = await _image_bytes(request, max_bytes)
-        image = await run_in_threadpool(_decode, data, cfg.validation.max_image_pixels)
+        kind = upload_kind(data)
+        if kind is not None:  # a NIfTI volume or a zip of a DICOM series
+            image = await run_in_threadpool(_decode_volume, data, kind, predictor, cfg)
+        else:
+            image = await run_in_threadpool(_decode, data, cfg.validation.max_image_pixels)
 
         def _run():
             with lock:
@@ -140,6 +147,18 @@ async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> byte
         return await upload.read(max_bytes + 1)
     finally:
         await form.close()
+
+
+def _decode_volume(data: bytes, kind: str, predictor: Any, cfg: Config):
+    from medvlm.uploads import VolumeUploadError, load_volume_upload
+
+    vision = getattr(getattr(predictor, "model", None), "vision", None)  # a volume encoder takes the volume whole
+    model_cfg = getattr(predictor, "cfg", None) or cfg
+    guarded = model_cfg.model_copy(update={"serve": cfg.serve})  # this server's upload limits
+    try:
+        return load_volume_upload(data, kind, guarded, vision)
+    except VolumeUploadError as exc:
+        raise BadRequest(exc.status, str(exc)) from None
 
 
 def _decode(data: bytes, max_pixels: int):

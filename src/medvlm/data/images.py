@@ -59,7 +59,13 @@ def load_image(
     16-bit and float images are scaled by their value range; alpha is composited on black (the CT background);
     DICOM: RescaleSlope/Intercept, then `ct_window` (center, width in HU) for CT, min-max otherwise,
     MONOCHROME1 inverted. Raises ImageDecodeError for corrupt, truncated, empty or oversized files.
+    A volume (DICOM series folder, NIfTI, NRRD; medvlm.data.volumes) gives its middle axial slice in the lung
+    window; volume encoders load the whole volume with medvlm.data.volumes.load_volume instead.
     """
+    from medvlm.data.volumes import is_volume_path, volume_preview
+
+    if is_volume_path(path):
+        return volume_preview(path)
     path = _existing_file(path)
     if is_dicom(path):
         return _load_dicom(path, max_pixels=max_pixels, ct_window=ct_window)

@@ -475,6 +475,10 @@ def synthesize(cfg: Config) -> dict:
     study_id, image, images, report, labels (keys = data.label_names), findings [{type, side, zone, distribution,
     extent}], slice_level, render_seed (render_slice(slice_level, findings, size, render_seed, scanner) redraws the
     image), group (= study_id), source_row. Returns counts per label and the paths."""
+    if cfg.synthesize.volumes:  # 3-D phantom chests (synthesize.volumes)
+        from medvlm.data.phantom3d import synthesize_volumes
+
+        return synthesize_volumes(cfg)
     unknown = [name for name in cfg.data.label_names if name not in LABELS]
     if unknown:
         raise ConfigError(f"data.label_names: the phantom cannot draw {unknown}; it knows {list(LABELS)}")

@@ -26,6 +26,7 @@ import pandas as pd
 from medvlm.config import Config
 from medvlm.data.images import combine_digests, file_sha256, probe_image, resolve_in_root
 from medvlm.data.sources import LOAD_ERROR, SPLITS, load_source
+from medvlm.data.volumes import is_volume_path, probe_volume
 from medvlm.errors import DataError, ImageDecodeError, ValidationFailed
 from medvlm.manifest import COLUMNS, write_manifest
 
@@ -120,7 +121,7 @@ def _row_checks(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     facts = []
     for idx, row in df.iterrows():
         images = row["images"] if isinstance(row["images"], list) else []
-        per_file = [_file_facts(root, rel, vcfg.max_image_pixels, file_cache) for rel in images]
+        per_file = [_file_facts(root, rel, vcfg.max_image_pixels, file_cache, cfg.volume) for rel in images]
         in_root = all(f["in_root"] for f in per_file) if per_file else None
         exists = all(f["exists"] for f in per_file) if per_file and in_root else None
         decodes = all(f["decodes"] for f in per_file) if exists else None
@@ -144,6 +145,7 @@ def _row_checks(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
                 **{f"label__{name}": labels.get(name) for name in cfg.data.label_names},
                 "labels_json": json.dumps(labels, sort_keys=True, default=str),
                 "split": row["split"],
+                **_volume_row_facts(per_file if decodes else []),
             }
         )
     checks = pd.DataFrame(facts, index=df.index)
@@ -164,7 +166,29 @@ def _cross_row_checks(checks: pd.DataFrame, own_ok: pd.Series) -> pd.DataFrame:
     return out.astype(object).where(out.notna(), None)
 
 
-def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str, Any]:
+def _volume_row_facts(per_file: list[dict]) -> dict[str, Any]:
+    """Volume facts of a row (None where it has no volume, so the volume expectations skip 2-D rows)."""
+    vols = [f["volume"] for f in per_file if f.get("volume")]
+    if not vols:
+        return {key: None for key in (*VOLUME_FACTS, "volume_detail")}
+    detail = "; ".join(f"{'x'.join(map(str, v.shape))} voxels, spacing {'x'.join(f'{s:.3g}' for s in v.spacing)} mm, "
+                       f"HU {v.hu_min:.0f}..{v.hu_max:.0f}" for v in vols)
+    return {
+        "volume_detail": detail,
+        "volume_slices": min(v.n_slices for v in vols),
+        "volume_spacing_min": min(min(v.spacing) for v in vols),
+        "volume_spacing_max": max(max(v.spacing) for v in vols),
+        "volume_hu_min": min(v.hu_min for v in vols),
+        "volume_hu_max": max(v.hu_max for v in vols),
+        "volume_min_side": min(min(v.shape[:2]) for v in vols),
+    }
+
+
+VOLUME_FACTS = ("volume_slices", "volume_spacing_min", "volume_spacing_max", "volume_hu_min", "volume_hu_max",
+                "volume_min_side")
+
+
+def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict, volume_cfg=None) -> dict[str, Any]:
     key = str(rel)
     if key in cache:
         return cache[key]
@@ -175,6 +199,9 @@ def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str,
         facts["error"] = str(exc)
         cache[key] = facts
         return facts
+    if volume_cfg is not None and is_volume_path(path) and (path.is_file() or path.is_dir()):
+        cache[key] = _volume_facts(facts, path, key, volume_cfg)
+        return cache[key]
     facts.update(in_root=True, exists=path.is_file())
     if not facts["exists"]:
         facts["error"] = f"{key}: image file not found"
@@ -186,6 +213,22 @@ def _file_facts(root: Path, rel: Any, max_pixels: int, cache: dict) -> dict[str,
         except ImageDecodeError as exc:
             facts.update(decodes=False, error=str(exc).replace(str(path), key))
     cache[key] = facts
+    return facts
+
+
+def _volume_facts(facts: dict[str, Any], path: Path, key: str, volume_cfg) -> dict[str, Any]:
+    """A volume (DICOM series folder or NIfTI / NRRD file): its files' hash, and what the volume expectations read."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    facts.update(in_root=True, exists=bool(files))
+    if not files:
+        facts["error"] = f"{key}: empty folder"
+        return facts
+    facts["sha256"] = combine_digests([file_sha256(p) for p in files])
+    try:
+        info = probe_volume(path, volume_cfg)
+        facts.update(decodes=True, min_side=min(info.shape[:2]), volume=info)
+    except ImageDecodeError as exc:
+        facts.update(decodes=False, error=str(exc).replace(str(path), key))
     return facts
 
 
@@ -219,6 +262,7 @@ def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
             for name in cfg.data.label_names
         ),
         ("split_value", "ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}),
+        *_volume_specs(cfg),
         ("duplicate_study_id", "ExpectColumnValuesToBeInSet", {"column": "study_id_repeat", "value_set": [False]}),
         (
             "duplicate_image_label_conflict",
@@ -227,6 +271,20 @@ def _expectation_specs(cfg: Config) -> list[tuple[str, str, dict]]:
         ),
     ]
     return specs
+
+
+def _volume_specs(cfg: Config) -> list[tuple[str, str, dict]]:
+    """Volume expectations (volume.*): rows without a volume have None there and are skipped."""
+    vol = cfg.volume
+    between = "ExpectColumnValuesToBeBetween"
+    return [
+        ("volume_slices", between, {"column": "volume_slices", "min_value": vol.min_slices, "max_value": vol.max_slices}),
+        ("volume_spacing", between, {"column": "volume_spacing_min", "min_value": vol.min_spacing_mm}),
+        ("volume_spacing", between, {"column": "volume_spacing_max", "max_value": vol.max_spacing_mm}),
+        ("volume_hu_range", between, {"column": "volume_hu_min", "min_value": vol.min_hu, "max_value": vol.air_hu}),
+        ("volume_hu_range", between, {"column": "volume_hu_max", "max_value": vol.max_hu}),
+        ("volume_shape", between, {"column": "volume_min_side", "min_value": vol.min_side}),
+    ]
 
 
 def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tuple[list[dict], dict[int, list[str]]]:
@@ -301,7 +359,7 @@ def _run_suite(
     result = checkpoint.run(batch_parameters={"dataframe": frame})
 
     detail = {"image_undecodable": "image_error", "image_missing": "image_error", "image_outside_root": "image_error",
-              "load_error": "load_error"}
+              "load_error": "load_error", **_VOLUME_DETAIL}
     reasons: dict[int, list[str]] = {}
     summaries = []
     for run in result.run_results.values():
@@ -327,7 +385,11 @@ def _run_suite(
                 why = checks.iloc[row][detail[reason]] if reason in detail else None
                 reasons.setdefault(row, []).append(f"{reason}: {why}" if why else reason)
     index = list(checks.index)
-    return summaries, {index[row]: why for row, why in reasons.items()}
+    return summaries, {index[row]: list(dict.fromkeys(why)) for row, why in reasons.items()}
+
+
+_VOLUME_DETAIL = {"volume_slices": "volume_detail", "volume_spacing": "volume_detail",
+                  "volume_hu_range": "volume_detail", "volume_shape": "volume_detail"}
 
 
 def _duplicate_groups(df: pd.DataFrame, checks: pd.DataFrame, reasons: dict[int, list[str]]) -> list[dict]:

@@ -152,6 +152,10 @@ def view_tokens(tail: nn.Module, trunk_features: torch.Tensor, concat_views: boo
 
 def build_vision(cfg: Config) -> VisionEncoder:
     name, k, size = cfg.model.vision, cfg.model.tune_vision_blocks, cfg.features.image_size
+    from medvlm.model.vision3d import VOLUME_ENCODERS, build_volume_encoder  # imported here: it imports this module
+
+    if name in VOLUME_ENCODERS:
+        return build_volume_encoder(cfg)
     if name == EFFICIENTNET:
         return _efficientnet(k, size)
     return _hf_vision(name, k, size)
