@@ -21,6 +21,7 @@ lock whose process is gone (same host, pid not alive) is stale and taken over.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -130,8 +131,13 @@ def run_cells(cfg: Config, todo: list, log=print) -> dict[str, float]:
     return _run_on_dask(cfg, todo, log)
 
 
-def _cell_task(cfg: Config, cell) -> dict:
-    """The Prefect task body: run_cell on a Dask worker; a locked cell is reported, not failed."""
+def _cell_task(raw_cfg: dict, raw_cell: dict) -> dict:
+    """The Prefect task body: run_cell on a Dask worker; a locked cell is reported, not failed. Settings and cell
+    travel as plain JSON-like dicts (what Prefect walks and records as task inputs)."""
+    from medvlm.config import config_from_dict
+    from medvlm.experiment import Cell
+
+    cfg, cell = config_from_dict(raw_cfg), Cell(**raw_cell)
     try:
         return {"timings": run_cell(cfg, cell), "worker_pid": os.getpid(), "host": socket.gethostname()}
     except CellLocked as exc:
@@ -152,14 +158,17 @@ def _run_on_dask(cfg: Config, todo: list, log) -> dict[str, float]:
 
     cell_task = task(_cell_task, name="experiment-cell", cache_policy=NO_CACHE)
 
+    raw_cfg = cfg.model_dump(mode="json", by_alias=True)
+
     @flow(name="experiment-grid", task_runner=task_runner(cfg), log_prints=False)
-    def grid(cells: list) -> list:
-        futures = [cell_task.with_options(task_run_name=f"cell {c.key}").submit(cfg, c) for c in cells]
+    def grid() -> list:
+        futures = [cell_task.with_options(task_run_name=f"cell {c.key}").submit(raw_cfg, dataclasses.asdict(c))
+                   for c in todo]
         return [f.result(raise_on_failure=False) for f in futures]
 
     where = cfg.experiment.cluster_address or f"local Dask cluster, {cfg.experiment.workers} workers"
     log(f"[experiment {cfg.experiment.name}] {len(todo)} cells on {where}")
-    results = grid(todo)
+    results = grid()
     timings: dict[str, float] = {}
     failures = []
     for cell, out in zip(todo, results):
