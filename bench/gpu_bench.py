@@ -197,7 +197,7 @@ def bench_strategy(cfg, strategy: str, device: str, steps: int, warmup: int, bat
         "trainable_params": sum(p.numel() for p in bench.trained),
         "params_run": sum(p.numel() for n, p in bench.model.named_parameters() if not n.startswith("vision.trunk.")),
         "model_flops_per_step": flops["total"], "flops_by_part": flops["by_part"],
-        "mfu": round(flops["total"] / step_s / peak, 4), "peak_memory_mb": _peak_memory_mb(device),
+        "mfu": float(f"{flops['total'] / step_s / peak:.4g}"), "peak_memory_mb": _peak_memory_mb(device),
     }
     memory: dict[str, float | str] = {}
     for size in sorted(batch_sizes):
