@@ -13,7 +13,7 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 TORCH_SOURCE := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 PREFECT_PORT ?= 4200
 
-.PHONY: help install run test test-fast lock ablation experiment cov-ctr ct3d bench serve-flows mlflow-ui clean
+.PHONY: help install run test test-fast lock ablation experiment cov-ctr ct3d bench gpu-bench serve-flows mlflow-ui clean
 
 help:
 	@echo "make run    install into $(VENV) and run 'dvc repro' on the embedded phantom data (offline)"
@@ -98,6 +98,12 @@ ct3d: install
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py && $(BIN)/python bench/lm_truncation.py
+
+# On a GPU host (torch's CUDA build installed over the CPU one): the GPU profile per strategy -> reports/bench/gpu.json
+# (samples/s, tokens/s, MFU, peak memory, memory per batch size). GPU_BENCH_OPTS="--steps 50 --strategies lora"
+GPU_BENCH_OPTS ?=
+gpu-bench:
+	$(BIN)/python bench/gpu_bench.py $(GPU_BENCH_OPTS)
 
 # Local Prefect server + the scheduled deployments (retraining cron from params.yaml). UI: http://127.0.0.1:$(PREFECT_PORT)
 serve-flows: install

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -129,11 +130,14 @@ def features() -> None:
 def train(
     strategy: str = typer.Option(..., "--strategy", "-s", help="freeze | lora | ptuning_v2"),
     resume: bool = typer.Option(True, help="resume from the last checkpoint when there is one"),
+    stop_after: Optional[int] = typer.Option(None, hidden=True, help="end after this many steps, as a kill would (tests)"),
 ) -> None:
-    """Train MedVLM with one fine-tuning strategy."""
+    """Train MedVLM with one fine-tuning strategy (several processes: torchrun / accelerate launch, see README)."""
     from medvlm.train import train as run
 
-    _print_summary(run(_config(), strategy, resume=resume))
+    summary = run(_config(), strategy, resume=resume, stop_after=stop_after)
+    if os.environ.get("RANK", "0") == "0":  # data parallel: one summary, not one per process
+        _print_summary(summary)
 
 
 @app.command("pretrain-vision")

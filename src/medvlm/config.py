@@ -113,6 +113,7 @@ class ModelConfig(_Section):
     qformer_layers: int = Field(2, ge=1)
     qformer_hidden: int = Field(256, ge=8)
     qformer_heads: int = Field(4, ge=1)
+    qformer_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # hidden and attention dropout of the Q-Former (BLIP-2's 0.1)
     lm: str = "smollm2-135m-instruct"
     lm_layers: int = Field(4, ge=0)
     prompt_template: bool = True
@@ -217,6 +218,9 @@ class TrainConfig(_Section):
     ptuning_v2: PTuningConfig = Field(default_factory=PTuningConfig)
     # when enabled, the run lasts stage1_epochs + stage2_epochs and `epochs` is not used
     multistage: MultistageConfig = Field(default_factory=MultistageConfig)
+    # per-rank record of every optimizer step (study ids each rank trained on + a digest of its trainable weights)
+    # in <out_dir>/<strategy>/ranks/rank<k>.jsonl: what shows that data-parallel ranks split the data and stay in sync
+    rank_log: bool = False
 
 
 class PretrainConfig(_Section):
@@ -351,6 +355,10 @@ class ExperimentConfig(_Section):
     baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
         default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"])
     register_best: bool = False  # register the best full model of the first seed (register.model_name) when done
+    # cells in parallel (medvlm.grid): > 1 = a local Dask cluster of this many worker processes, each cell a Prefect
+    # task; cluster_address (e.g. tcp://scheduler:8786) = an existing Dask cluster instead. 1 and "": one by one here.
+    workers: int = Field(1, ge=1)
+    cluster_address: str = ""
     goals: dict[str, dict[str, float]] = Field(default_factory=dict)  # experiment name -> {metric: minimum}
     anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
 

@@ -143,9 +143,8 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     from medvlm.data.validate import run_validation
     from medvlm.evaluate import evaluate
     from medvlm.features import extract_features
+    from medvlm.grid import run_cells
     from medvlm.labeler import train_labeler
-    from medvlm.pretrain import pretrain_vision
-    from medvlm.train import train
 
     grid = [c for c in cells(cfg) if not only or any(c.key.startswith(p) for p in only)]
     todo = [c for c in grid if not cell_metrics_path(cfg, c).is_file()]
@@ -182,12 +181,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     for name in cfg.experiment.baselines:
         if not (Path(base.evaluate.out_dir) / "metrics" / f"{name}.json").is_file():
             timed(f"baseline {name}", evaluate, base, name)
-    for cell in todo:
-        ccfg = cell_config(cfg, cell)
-        if ccfg.pretrain.enabled and not (Path(ccfg.pretrain.out_dir) / "config.json").is_file():
-            timed(f"pretrain_vision {cell.key}", pretrain_vision, ccfg)  # the cell's own seed
-        timed(f"train {cell.key}", train, ccfg, cell.strategy)
-        timed(f"evaluate {cell.key}", evaluate, ccfg, cell.strategy)
+    timings.update(run_cells(cfg, todo, log))  # in this process, or on Dask (experiment.workers / cluster_address)
     table = write_results(cfg)
     registered = register_best(cfg) if cfg.experiment.register_best else None
     timing_path = root / "timings.json"

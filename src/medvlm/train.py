@@ -5,6 +5,13 @@ Optimiser: AdamW with two groups (new modules cfg.train.lr, LM-side parameters c
 cosine decay, gradient clipping and accumulation. Accelerate places the model (CPU: fp32; GPU: bf16 autocast and
 gradient checkpointing); multi-GPU: `accelerate launch -m medvlm.cli train --strategy lora`.
 
+Data parallel (N processes, torchrun or accelerate launch): every rank computes the same epoch order; an optimizer
+step takes the next batch_size x N x grad_accum samples (the global batch) and, for each of the grad_accum
+micro-steps, rank r trains on every N-th sample of the next batch_size x N (rank_batch). DDP averages the gradients,
+so N processes at batch_size b equal one process at batch_size b x N (same grad_accum, same learning rate, up to
+the per-micro-batch token averaging of the LM loss and float summation order; tests/test_distributed.py). Dropout
+draws from a per-rank RNG stream; checkpoints hold every rank's RNG state.
+
 Multistage (train.multistage, ClinicalBLIP): the same loop in stages. Stage 1 trains the vision tail, the
 discrimination module, the Q-Former and the projections with the LM side (LoRA adapters, trained LM layers,
 prefixes) frozen by a requires_grad mask; stage 2 adds the LM side with a fresh optimizer and LR schedule.
@@ -120,10 +127,12 @@ def run_signature(cfg: Config, strategy: str, features: torch.Tensor) -> str:
     """Everything that changes the result of a run: settings and what it learns from (the training split's content,
     its cached `features`, the pre-trained tail); a checkpoint of another signature is not resumed, so new data
     with as many rows retrain from step 0 instead of resuming the old run at its end."""
-    exclude = {"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies"}
+    exclude = {"checkpoint_every", "log_every", "out_dir", "checkpoint_dir", "strategies", "rank_log"}
     if not cfg.train.multistage.enabled:  # off, its settings change nothing (and old checkpoints stay valid)
         exclude.add("multistage")
-    parts = [strategy, cfg.seed, cfg.model.model_dump(), cfg.train.model_dump(exclude=exclude), cfg.data.label_names,
+    # a setting added later is left out at its default, so checkpoints made before it existed stay valid
+    model = cfg.model.model_dump(exclude={"qformer_dropout"} if cfg.model.qformer_dropout == 0.1 else set())
+    parts = [strategy, cfg.seed, model, cfg.train.model_dump(exclude=exclude), cfg.data.label_names,
              feature_signature(cfg), training_data_digest(cfg, features)]
     if cfg.pretrain.enabled:  # the vision tail's starting point (and the zero-shot clue source's prompts)
         parts.append({"pretrained_vision": pretrained_tail_digest(cfg)})
@@ -171,6 +180,26 @@ def epoch_order(cfg: Config, n: int, epoch: int) -> tuple[torch.Tensor, torch.Te
     return torch.randperm(n, generator=gen), torch.randint(n_prompts, (n,), generator=gen)
 
 
+def rank_batch(order: torch.Tensor, first: int, micro: int, world: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s samples of the global micro-batch order[first : first + micro * world] (every world-th one).
+
+    A last global micro-batch with fewer samples than ranks is padded from the start of the epoch's order (as
+    torch's DistributedSampler pads), so no rank skips a backward pass the others wait on."""
+    chunk = order[first : first + micro * world]
+    if 0 < len(chunk) < world:
+        chunk = torch.cat([chunk, order.repeat(world)[: world - len(chunk)]])
+    return chunk[rank::world]
+
+
+def weights_digest(model: MedVLM) -> str:
+    """sha256 of the trainable weights (rank_log: identical on every rank after every step)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name in model.trainable_names:
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def schedule(cfg: Config, n: int, world: int = 1) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
     per_step = cfg.train.batch_size * cfg.train.grad_accum * world
@@ -182,7 +211,10 @@ def schedule(cfg: Config, n: int, world: int = 1) -> tuple[int, int]:
 
 def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | None = None) -> dict:
     """Train `strategy`; returns a summary. `stop_after` ends the process early as a kill would (tests)."""
+    from contextlib import nullcontext
+
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     check_strategy(cfg, strategy)  # before any loading: a bad name costs nothing
     started = time.perf_counter()
@@ -206,6 +238,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         attach_retrieval(model, data, cfg)
     if cfg.model.closed_vocab:
         model.set_output_vocab([t for report in data.reports for t in report])
+    if rank:  # DDP copies rank 0's weights at wrap time; dropout masks must differ between ranks
+        torch.manual_seed(cfg.seed * 100_003 + 7919 * rank)
     if cuda:
         model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm_names = lm_adapter_parameter_names(model)  # before any stage mask: the strategy's LM side
@@ -221,7 +255,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         if state["signature"] == signature:
             core.load_trainable_state_dict(state["trainable"])
-            torch.set_rng_state(state["rng"])
+            rngs = state.get("rng_ranks")  # every rank's own RNG state (older checkpoints: rank 0's only)
+            torch.set_rng_state(rngs[rank] if rngs and len(rngs) == world else state["rng"])
             step, log_rows, resumed_from = state["step"], state["log"], state["step"]
             accelerator.print(f"resuming {strategy} from {ckpt_path} at step {step}/{total}")
         else:
@@ -231,8 +266,11 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     n_trainable = sum(p.numel() for n, p in core.named_parameters() if n in core.trainable_names)
     micro = cfg.train.batch_size
     window_samples, window_start, seen_tokens = 0, time.perf_counter(), 0
+    rank_log = _RankLog(Path(cfg.train.out_dir) / strategy, rank, fresh=step == 0) if cfg.train.rank_log else None
     model.train()
-    with mlflow_run(cfg, run_name=f"train-{strategy}", tags={"stage": "train", "strategy": strategy}) as run:
+    tracked = mlflow_run(cfg, run_name=f"train-{strategy}", tags={"stage": "train", "strategy": strategy}) \
+        if accelerator.is_main_process else nullcontext(None)  # one MLflow run per training, not one per rank
+    with tracked as run:
         log_params(run, {"strategy": strategy, "trainable_params": n_trainable, "total_steps": total,
                          "pretrain.enabled": cfg.pretrain.enabled, "vision_init": vision_init,
                          **flatten(cfg.model.model_dump(), "model."), **flatten(cfg.train.model_dump(), "train.")})
@@ -255,12 +293,17 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                     epoch, in_epoch = divmod(step, per_epoch)
                     order, prompts = epoch_order(cfg, len(data.reports), epoch)
                     sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
+                    step_ids: list[str] = []
                     for k in range(cfg.train.grad_accum):
                         first = (in_epoch * cfg.train.grad_accum + k) * micro * world
-                        idx = order[first : first + micro * world][rank::world]
+                        idx = rank_batch(order, first, micro, world, rank)
                         if len(idx) == 0:
                             continue
-                        with accelerator.autocast():
+                        step_ids += [data.study_ids[i] for i in idx]
+                        # gradients are averaged over ranks once per optimizer step, not per micro-step
+                        last = k == cfg.train.grad_accum - 1 or len(order) <= first + micro * world
+                        sync = nullcontext() if world == 1 or last else accelerator.no_sync(model)
+                        with sync, accelerator.autocast():
                             out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
                                         data.labels[idx], [int(prompts[i]) for i in idx],
                                         [data.contexts[i] for i in idx] if data.contexts else None)
@@ -270,12 +313,17 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                                 sums[key] += float(out[key].detach()) / cfg.train.grad_accum
                         window_samples += len(idx) * world
                         seen_tokens += int(out["tokens"])
+                    if world > 1:  # the logged losses are the global batch's, the same on every rank
+                        mean = accelerator.reduce(torch.tensor([sums[k] for k in sums]), reduction="mean")
+                        sums = dict(zip(sums, mean.tolist()))
                     accelerator.clip_grad_norm_(trained, cfg.train.max_grad_norm)
                     lr = scheduler.get_last_lr()[0]
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
+                    if rank_log is not None:
+                        rank_log.write(step, epoch, step_ids, weights_digest(core))
                     elapsed = time.perf_counter() - window_start
                     rate = window_samples / max(elapsed, 1e-9)
                     progress.update(task, advance=1, loss=sums["loss"], rate=rate)
@@ -289,8 +337,10 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                                               f"lr {lr:.2e} {rate:.2f} samples/s", flush=True)
                         window_samples, window_start = 0, time.perf_counter()
                     if step % cfg.train.checkpoint_every == 0 or step == total:
+                        rngs = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
                         if accelerator.is_main_process:
-                            _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature, stage_index)
+                            _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature, stage_index,
+                                             rngs)
                     if stop_after is not None and step >= stop_after and step < total:
                         return {"strategy": strategy, "steps": step, "stopped_early": True}
         out_dir = Path(cfg.train.out_dir) / strategy
@@ -357,10 +407,10 @@ def _stage_optimizer(model: MedVLM, cfg: Config, stage: Stage):
 
 
 def _save_checkpoint(path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list, signature: str,
-                     stage: int) -> None:
+                     stage: int, rngs: list[torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "log": log_rows,
+             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "rng_ranks": rngs, "log": log_rows,
              "signature": signature, "stage": stage}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -388,6 +438,21 @@ def save_trained(model: MedVLM, cfg: Config, strategy: str, out_dir: Path, log_r
         writer.writeheader()
         writer.writerows(log_rows)
     return {"weights": weights, "config": config_path, "log": log_path}
+
+
+class _RankLog:
+    """train.rank_log: one JSON line per optimizer step of this rank (appended across resumes)."""
+
+    def __init__(self, folder: Path, rank: int, fresh: bool):
+        self.path = folder / "ranks" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            self.path.write_text("")
+        self.rank = rank
+
+    def write(self, step: int, epoch: int, ids: list[str], digest: str) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, "epoch": epoch, "rank": self.rank, "ids": ids, "weights": digest}) + "\n")
 
 
 class _progress:

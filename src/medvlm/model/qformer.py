@@ -23,6 +23,8 @@ class QFormerBridge(nn.Module):
             intermediate_size=4 * cfg.qformer_hidden,
             encoder_hidden_size=visual_width,
             cross_attention_frequency=1,
+            hidden_dropout_prob=cfg.qformer_dropout,
+            attention_probs_dropout_prob=cfg.qformer_dropout,
         )
         self.qformer = Blip2QFormerModel(config)
         self.queries = nn.Parameter(torch.randn(1, cfg.qformer_queries, cfg.qformer_hidden) * config.initializer_range)
