@@ -479,12 +479,17 @@ def synthesize(cfg: Config) -> dict:
         from medvlm.data.phantom3d import synthesize_volumes
 
         return synthesize_volumes(cfg)
+    return synthesize_batches(cfg, _write_batch, "phantom", "incoming")
+
+
+def synthesize_batches(cfg: Config, write_batch, train_prefix: str, incoming_prefix: str) -> dict:
+    """The training set and the shifted incoming batch, written by `write_batch` (2-D slices or 3-D volumes)."""
     unknown = [name for name in cfg.data.label_names if name not in LABELS]
     if unknown:
         raise ConfigError(f"data.label_names: the phantom cannot draw {unknown}; it knows {list(LABELS)}")
     s = cfg.synthesize
     start = time.perf_counter()
-    train = _write_batch(Path(s.out_dir), "phantom", s.n_images, s.normal_fraction, 0, Scanner(), cfg)
-    incoming = _write_batch(Path(s.incoming_dir), "incoming", s.n_incoming, s.incoming_normal_fraction, 1,
-                            Scanner(s.incoming_intensity_shift, s.incoming_noise_scale), cfg)
+    train = write_batch(Path(s.out_dir), train_prefix, s.n_images, s.normal_fraction, 0, Scanner(), cfg)
+    incoming = write_batch(Path(s.incoming_dir), incoming_prefix, s.n_incoming, s.incoming_normal_fraction, 1,
+                           Scanner(s.incoming_intensity_shift, s.incoming_noise_scale), cfg)
     return dict(train=train, incoming=incoming, seconds=round(time.perf_counter() - start, 2))

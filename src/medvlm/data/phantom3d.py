@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +31,14 @@ from medvlm.data.phantom import (
     EFFUSION_DISTRIBUTION,
     EXTENTS,
     FINDING_TYPES,
-    LABELS,
     SIDES,
     ZONES,
     Scanner,
     labels_for,
     render_slice,
+    synthesize_batches,
 )
 from medvlm.data.phantom_report import write_report
-from medvlm.errors import ConfigError
 
 WINDOW_CENTER, WINDOW_WIDTH = -600.0, 1500.0  # the 2-D phantom's grey levels are this lung window
 FOV_MM = 360.0  # in-plane field of view; slice gap = CHEST_MM / slices
@@ -155,12 +153,4 @@ def _write_volume_batch(out_dir: Path, prefix: str, n: int, normal_fraction: flo
 def synthesize_volumes(cfg: Config) -> dict:
     """The 3-D counterpart of medvlm.data.phantom.synthesize: volumes/ + annotation.jsonl in synthesize.out_dir
     (training set) and synthesize.incoming_dir (shifted batch for drift monitoring)."""
-    unknown = [name for name in cfg.data.label_names if name not in LABELS]
-    if unknown:
-        raise ConfigError(f"data.label_names: the phantom cannot draw {unknown}; it knows {list(LABELS)}")
-    s = cfg.synthesize
-    start = time.perf_counter()
-    train = _write_volume_batch(Path(s.out_dir), "phantom3d", s.n_images, s.normal_fraction, 0, Scanner(), cfg)
-    incoming = _write_volume_batch(Path(s.incoming_dir), "incoming3d", s.n_incoming, s.incoming_normal_fraction, 1,
-                                   Scanner(s.incoming_intensity_shift, s.incoming_noise_scale), cfg)
-    return dict(train=train, incoming=incoming, seconds=round(time.perf_counter() - start, 2))
+    return synthesize_batches(cfg, _write_volume_batch, "phantom3d", "incoming3d")
