@@ -26,9 +26,10 @@ from prefect import get_client
 from prefect.deployments import run_deployment
 with get_client(sync_client=True) as client:
     deadline = __import__("time").monotonic() + 60
-    while True:
+    while True:  # serve registers the deployments one after another: wait for every one the run below needs
         try:
-            dep = client.read_deployment_by_name("retrain/medvlm-retrain"); break
+            dep = client.read_deployment_by_name("retrain/medvlm-retrain")
+            client.read_deployment_by_name("monitor/medvlm-monitor"); break
         except Exception:
             if __import__("time").monotonic() > deadline: raise
             __import__("time").sleep(0.5)
