@@ -97,10 +97,10 @@ def test_label_embedding_depends_on_probabilities():
 
 
 def test_qformer_bridge_shapes():
-    from medvlm.config import ModelConfig
+    from medvlm.config import config_from_dict
 
-    bridge = QFormerBridge(ModelConfig(qformer_hidden=16, qformer_layers=1, qformer_heads=2, qformer_queries=5),
-                           visual_width=24, lm_width=40)
+    small = {"qformer_hidden": 16, "qformer_layers": 1, "qformer_heads": 2, "qformer_queries": 5}
+    bridge = QFormerBridge(config_from_dict({"model": small}).model, visual_width=24, lm_width=40)
     assert bridge(torch.randn(3, 9, 24)).shape == (3, 5, 40)
 
 

@@ -5,9 +5,17 @@ import pytest
 
 pytest.importorskip("monai")
 
-from medvlm.config import VolumeConfig  # noqa: E402
+from medvlm.config import config_from_dict  # noqa: E402
+
+
 from medvlm.data.dicom_write import write_dicom_series  # noqa: E402
 from medvlm.data.volumes import VolumeError, inspect_series, is_volume_path, load_volume, probe_volume  # noqa: E402
+
+
+
+def VolumeConfig(**settings):  # noqa: N802 - the shipped volume settings with these changed
+    return config_from_dict({"volume": settings}).volume
+
 
 NATIVE = VolumeConfig(spacing=None, shape=(12, 10, 6), min_slices=2)
 

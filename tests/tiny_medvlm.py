@@ -68,7 +68,7 @@ def tiny_config(tmp: Path, **sections):
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "lm_lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
                   "out_dir": str(tmp / "models"), "checkpoint_dir": str(tmp / "checkpoints"),
                   "freeze": {"trainable_lm_layers": [-1]}, "lora": {"r": 2, "alpha": 4, "dropout": 0.1,
-                  "target_modules": ["q_proj", "v_proj"]}, "ptuning_v2": {"num_virtual_tokens": 3}},
+                  "target_modules": ["q_proj", "v_proj"]}, "ptuning_v2": {"num_virtual_tokens": 3, "prefix_projection": False}},
         "generate": {"num_beams": 2, "max_new_tokens": 6, "repetition_penalty": 1.1, "batch_size": 3},
         "register": {"tracking_uri": "none"},
     }

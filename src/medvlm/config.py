@@ -2,11 +2,17 @@
 
 Every stage receives a `Config`; no stage reads params.yaml itself. Unknown keys are errors
 (`extra="forbid"`), so a typo in params.yaml fails at start with one line instead of being ignored.
+The classes below hold types and ranges only, no values: every value comes from params.yaml. A partial settings
+tree (a user's own params file, an overlay, a test's dict) is laid over the shipped params.yaml (`default_params`),
+so code built from `config_from_dict` runs exactly the settings `dvc repro` runs.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,37 +27,37 @@ class _Section(BaseModel):
 
 
 class SynthesizeConfig(_Section):
-    out_dir: str = "data/phantom"
-    incoming_dir: str = "data/incoming"
-    n_images: int = Field(400, ge=1)
-    n_incoming: int = Field(80, ge=0)
-    image_size: int = Field(256, ge=64)
-    seed: int = 0
-    normal_fraction: float = Field(0.35, ge=0.0, le=1.0)
-    incoming_normal_fraction: float = Field(0.10, ge=0.0, le=1.0)
-    incoming_intensity_shift: float = 0.12
-    incoming_noise_scale: float = Field(2.5, gt=0.0)
+    out_dir: str
+    incoming_dir: str
+    n_images: int = Field(ge=1)
+    n_incoming: int = Field(ge=0)
+    image_size: int = Field(ge=64)
+    seed: int
+    normal_fraction: float = Field(ge=0.0, le=1.0)
+    incoming_normal_fraction: float = Field(ge=0.0, le=1.0)
+    incoming_intensity_shift: float
+    incoming_noise_scale: float = Field(gt=0.0)
     # 3-D phantom chests instead of slices (medvlm.data.phantom3d): NIfTI volumes, every dicom_every-th a DICOM series
-    volumes: bool = False
-    volume_size: int = Field(96, ge=64)  # in-plane voxels
-    volume_slices: int = Field(24, ge=3)  # axial slices, lower / middle / upper zone thirds
-    dicom_every: int = Field(4, ge=0)  # 0 = NIfTI only
+    volumes: bool
+    volume_size: int = Field(ge=64)  # in-plane voxels
+    volume_slices: int = Field(ge=3)  # axial slices, lower / middle / upper zone thirds
+    dicom_every: int = Field(ge=0)  # 0 = NIfTI only
 
 
 class DataConfig(_Section):
-    source: Literal["cov_ctr", "r2gen", "csv", "jsonl"] = "jsonl"
-    root: str = "data/phantom"
-    manifest: str = "annotation.jsonl"
-    report_language: Literal["en", "zh"] = "en"
-    label_names: list[str] = Field(default_factory=lambda: ["pneumonia"])
-    primary_label: str = "pneumonia"
-    group_by: Literal["image_hash", "source"] = "image_hash"
+    source: Literal["cov_ctr", "r2gen", "csv", "jsonl"]
+    root: str
+    manifest: str
+    report_language: Literal["en", "zh"]
+    label_names: list[str]
+    primary_label: str
+    group_by: Literal["image_hash", "source"]
     # folder under root that the manifest's image paths are relative to ("" = root itself; R2Gen: "images")
-    image_dir: str = ""
+    image_dir: str
     # rules that read labels from report text where the source has none (R2Gen): basic keywords | chexpert (14
     # CheXpert observations with negation/uncertainty, medvlm.data.report_labels); uncertain mentions -> 0 or 1
-    report_labeler: Literal["basic", "chexpert"] = "basic"
-    report_uncertain: Literal["negative", "positive"] = "negative"
+    report_labeler: Literal["basic", "chexpert"]
+    report_uncertain: Literal["negative", "positive"]
 
     @model_validator(mode="after")
     def _primary_in_labels(self) -> "DataConfig":
@@ -69,88 +75,88 @@ class DataConfig(_Section):
 
 
 class ValidateConfig(_Section):
-    min_report_chars: int = 10
-    max_report_chars: int = 4000
-    min_image_side: int = 32
-    max_image_pixels: int = 89_478_485
-    max_bad_fraction: float = Field(0.10, ge=0.0, le=1.0)
-    out_dir: str = "reports/validation"
-    manifest_dir: str = "data/manifest"  # validated.jsonl + quarantine.csv
+    min_report_chars: int
+    max_report_chars: int
+    min_image_side: int
+    max_image_pixels: int
+    max_bad_fraction: float = Field(ge=0.0, le=1.0)
+    out_dir: str
+    manifest_dir: str  # validated.jsonl + quarantine.csv
 
 
 class SplitConfig(_Section):
-    test_size: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
-    use_official: bool = True
-    out_dir: str = "data/split"
+    test_size: float = Field(gt=0.0, lt=1.0)
+    seed: int
+    use_official: bool
+    out_dir: str
 
 
 class FeaturesConfig(_Section):
-    image_size: int = Field(224, ge=32)
-    batch_size: int = Field(32, ge=1)
-    out_dir: str = "data/features"
+    image_size: int = Field(ge=32)
+    batch_size: int = Field(ge=1)
+    out_dir: str
     # several images per study (IU X-ray frontal + lateral): mean = one averaged trunk map per study; concat = each
     # view encoded on its own, their visual tokens concatenated before the DEM / Q-Former (R2Gen's way)
-    multi_view: Literal["mean", "concat"] = "mean"
-    max_views: int = Field(2, ge=1)  # concat: views kept per study (first ones); fewer views are repeated to fill
+    multi_view: Literal["mean", "concat"]
+    max_views: int = Field(ge=1)  # concat: views kept per study (first ones); fewer views are repeated to fill
 
 
 class RetrievalConfig(_Section):
     """Retrieval-augmented generation: the k most similar training studies (cosine of the pretrained visual
     embedding) written into the prompt as similar cases; training uses leave-group-out neighbours."""
-    enabled: bool = False
-    k: int = Field(2, ge=1)  # neighbours per image
-    report_words: int = Field(40, ge=1)  # words kept of each neighbour's report
+    enabled: bool
+    k: int = Field(ge=1)  # neighbours per image
+    report_words: int = Field(ge=1)  # words kept of each neighbour's report
 
 
 class ModelConfig(_Section):
-    vision: str = "efficientnet-lite0"
-    tune_vision_blocks: int = Field(1, ge=0)
-    discrimination: bool = True
-    label_embed_dim: int = Field(64, ge=1)
-    disc_loss_weight: float = Field(0.5, ge=0.0)
-    qformer_queries: int = Field(16, ge=1)
-    qformer_layers: int = Field(2, ge=1)
-    qformer_hidden: int = Field(256, ge=8)
-    qformer_heads: int = Field(4, ge=1)
-    qformer_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # hidden and attention dropout of the Q-Former (BLIP-2's 0.1)
-    lm: str = "smollm2-135m-instruct"
-    lm_layers: int = Field(4, ge=0)
-    prompt_template: bool = True
-    system_prompt: str = "You are a radiologist."  # short: the LM's default system prompt costs ~20 tokens per step
-    prompts: list[str] = Field(default_factory=lambda: ["Describe the findings of this chest CT."])
-    max_report_tokens: int = Field(96, ge=4)
+    vision: str
+    tune_vision_blocks: int = Field(ge=0)
+    discrimination: bool
+    label_embed_dim: int = Field(ge=1)
+    disc_loss_weight: float = Field(ge=0.0)
+    qformer_queries: int = Field(ge=1)
+    qformer_layers: int = Field(ge=1)
+    qformer_hidden: int = Field(ge=8)
+    qformer_heads: int = Field(ge=1)
+    qformer_dropout: float = Field(ge=0.0, lt=1.0)  # hidden and attention dropout of the Q-Former (BLIP-2's 0.1)
+    lm: str
+    lm_layers: int = Field(ge=0)
+    prompt_template: bool
+    system_prompt: str  # short: the LM's default system prompt costs ~20 tokens per step
+    prompts: list[str]
+    max_report_tokens: int = Field(ge=4)
     # Closed report vocabulary (R2Gen-style): the LM head scores only tokens that occur in training reports.
     # The 49k-token head is most of a CPU step and of every decoding step; the price: no unseen words.
-    closed_vocab: bool = False
+    closed_vocab: bool
     # Disease clues (TRRG): K = len(data.label_names) learned clue embeddings, each scaled by its predicted
     # probability, feed a cross-modal interaction before the Q-Former and/or extra LM input tokens.
-    clues: bool = False
+    clues: bool
     # Where the clue probabilities come from. "classifier": the discrimination module's classifier when
     # model.discrimination is on, else a linear head owned by the clue module, trained with the same BCE loss.
     # "zero_shot": image-text similarity of the contrastive encoder (pretrain_vision stage, pretrain.enabled) to a
     # positive and a negative prompt per label (pretrain.label_prompt / negative_prompt); no label supervision.
-    clue_source: Literal["classifier", "zero_shot"] = "classifier"
-    clue_dim: int = Field(64, ge=1)  # width of a clue embedding
-    clue_heads: int = Field(4, ge=1)  # heads of the visual-token -> clue cross-attention (must divide the visual width)
-    clue_interaction: bool = True  # with clues on: cross-attention visual tokens -> clues before the Q-Former
-    clue_tokens: bool = True  # with clues on: the K scaled clues as extra LM input tokens after the query tokens
+    clue_source: Literal["classifier", "zero_shot"]
+    clue_dim: int = Field(ge=1)  # width of a clue embedding
+    clue_heads: int = Field(ge=1)  # heads of the visual-token -> clue cross-attention (must divide the visual width)
+    clue_interaction: bool  # with clues on: cross-attention visual tokens -> clues before the Q-Former
+    clue_tokens: bool  # with clues on: the K scaled clues as extra LM input tokens after the query tokens
     # Prior-knowledge prompt (ClinicalBLIP): the user turn also lists the findings the classifier predicts
     # ("Suspected: pneumonia 0.83, ground glass 0.61."), labels with probability above prior_threshold.
-    prior_prompt: bool = False
-    prior_threshold: float = Field(0.5, ge=0.0, lt=1.0)
+    prior_prompt: bool
+    prior_threshold: float = Field(ge=0.0, lt=1.0)
     # What fills the prior prompt in training. "predicted": the module's own (detached) probabilities, as at test
     # time. "labels": the true findings (names only), so the LM learns to write exactly the listed findings; at
     # test time the module's findings above its per-label thresholds (chosen on the training split) fill it.
-    prior_source: Literal["predicted", "labels"] = "predicted"
+    prior_source: Literal["predicted", "labels"]
     # BCE of the label classifier weighted per label by negatives/positives of the training split (capped at this
     # ratio; 0 = unweighted), so rare findings are not learned as "always absent".
-    disc_pos_weight_max: float = Field(0.0, ge=0.0)
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    disc_pos_weight_max: float = Field(ge=0.0)
+    retrieval: RetrievalConfig
     # Report-token loss weight 1 + finding_token_weight * idf(token) / max idf over the training reports: tokens in
     # every report (boilerplate) keep weight 1, rare ones (the findings) weigh more, so the few tokens that decide
     # what a report says are not drowned by the sentences every report repeats. 0 = plain mean.
-    finding_token_weight: float = Field(0.0, ge=0.0)
+    finding_token_weight: float = Field(ge=0.0)
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":
@@ -169,76 +175,77 @@ class ModelConfig(_Section):
 
 
 class FreezeConfig(_Section):
-    trainable_lm_layers: list[int] = Field(default_factory=lambda: [-1])
-    lm_lr: float | None = Field(None, gt=0)  # learning rate of this strategy's LM-side parameters; None = train.lm_lr
+    trainable_lm_layers: list[int]
+    lm_lr: float | None = Field(gt=0)  # learning rate of this strategy's LM-side parameters; None = train.lm_lr
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    lm_lr: float | None = Field(None, gt=0)
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: list[str]
+    lm_lr: float | None = Field(gt=0)
 
 
 class PTuningConfig(_Section):
-    num_virtual_tokens: int = Field(16, ge=1)
-    lm_lr: float | None = Field(None, gt=0)  # prefixes usually want a larger rate than weights (P-Tuning v2: 5e-3..1e-2)
-    prefix_projection: bool = False  # reparameterise the prefixes through a 2-layer MLP (P-Tuning v2's option)
+    num_virtual_tokens: int = Field(ge=1)
+    lm_lr: float | None = Field(gt=0)  # prefixes usually want a larger rate than weights (P-Tuning v2: 5e-3..1e-2)
+    prefix_projection: bool  # reparameterise the prefixes through a 2-layer MLP (P-Tuning v2's option)
 
 
 class MultistageConfig(_Section):
     """ClinicalBLIP-style staged fine-tuning inside one `medvlm train` run (any strategy, meant for lora)."""
 
-    enabled: bool = False
-    stage1_epochs: int = Field(3, ge=1)  # vision tail + discrimination module + Q-Former + projections; LM frozen
-    stage2_epochs: int = Field(3, ge=1)  # + the strategy's LM-side parameters (LoRA adapters); fresh optimizer
+    enabled: bool
+    stage1_epochs: int = Field(ge=1)  # vision tail + discrimination module + Q-Former + projections; LM frozen
+    stage2_epochs: int = Field(ge=1)  # + the strategy's LM-side parameters (LoRA adapters); fresh optimizer
 
 
 Strategy = Literal["freeze", "lora", "ptuning_v2"]
+Baseline = Literal["retrieval", "consensus", "cnn_transformer", "oracle"]
 
 
 class TrainConfig(_Section):
-    strategies: list[Strategy] = Field(default_factory=lambda: ["freeze", "lora", "ptuning_v2"])
-    epochs: int = Field(6, ge=1)
-    max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as `epochs` take
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    lm_lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(50, ge=1)
-    checkpoint_dir: str = "checkpoints"  # checkpoints/<strategy>/ (resume after a kill; DVC persistent output)
-    log_every: int = Field(10, ge=1)
-    out_dir: str = "models"
-    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    ptuning_v2: PTuningConfig = Field(default_factory=PTuningConfig)
+    strategies: list[Strategy]
+    epochs: int = Field(ge=1)
+    max_steps: int = Field(ge=0)  # optimizer steps; 0 = as many as `epochs` take
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    lm_lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    max_grad_norm: float = Field(gt=0)
+    checkpoint_every: int = Field(ge=1)
+    checkpoint_dir: str  # checkpoints/<strategy>/ (resume after a kill; DVC persistent output)
+    log_every: int = Field(ge=1)
+    out_dir: str
+    freeze: FreezeConfig
+    lora: LoraConfig
+    ptuning_v2: PTuningConfig
     # when enabled, the run lasts stage1_epochs + stage2_epochs and `epochs` is not used
-    multistage: MultistageConfig = Field(default_factory=MultistageConfig)
+    multistage: MultistageConfig
     # per-rank record of every optimizer step (study ids each rank trained on + a digest of its trainable weights)
     # in <out_dir>/<strategy>/ranks/rank<k>.jsonl: what shows that data-parallel ranks split the data and stay in sync
-    rank_log: bool = False
+    rank_log: bool
 
 
 class PretrainConfig(_Section):
     """CLIP-style contrastive pre-training of the vision tail against frozen MiniLM report embeddings (TRRG)."""
 
-    enabled: bool = False  # run the pretrain_vision stage and start `medvlm train` from its vision tail
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(64, ge=2)  # in-batch negatives: InfoNCE needs at least two pairs
-    lr: float = Field(1e-3, gt=0)  # projection heads and temperature
-    vision_lr: float = Field(1e-4, gt=0)  # the pretrained (ImageNet) vision tail: smaller steps
-    weight_decay: float = Field(0.01, ge=0)
-    embed_dim: int = Field(256, ge=8)  # shared image-text embedding width
-    temperature: float = Field(0.07, gt=0, le=1)  # initial softmax temperature (CLIP's)
-    learn_temperature: bool = True
-    label_prompt: str = "findings of {label}"  # zero-shot label prompt; {label} = label name, '_' -> ' '
-    negative_prompt: str = "no findings of {label}"  # its counterpart: p = softmax over the pair (CLIP binary zero-shot)
-    out_dir: str = "models/pretrain_vision"
-    metrics_file: str = "reports/pretrain/pretrain_vision.json"
+    enabled: bool  # run the pretrain_vision stage and start `medvlm train` from its vision tail
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=2)  # in-batch negatives: InfoNCE needs at least two pairs
+    lr: float = Field(gt=0)  # projection heads and temperature
+    vision_lr: float = Field(gt=0)  # the pretrained (ImageNet) vision tail: smaller steps
+    weight_decay: float = Field(ge=0)
+    embed_dim: int = Field(ge=8)  # shared image-text embedding width
+    temperature: float = Field(gt=0, le=1)  # initial softmax temperature (CLIP's)
+    learn_temperature: bool
+    label_prompt: str  # zero-shot label prompt; {label} = label name, '_' -> ' '
+    negative_prompt: str  # its counterpart: p = softmax over the pair (CLIP binary zero-shot)
+    out_dir: str
+    metrics_file: str
 
     @model_validator(mode="after")
     def _prompt_has_slot(self) -> "PretrainConfig":
@@ -249,140 +256,137 @@ class PretrainConfig(_Section):
 
 
 class GenerateConfig(_Section):
-    num_beams: int = Field(3, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
-    repetition_penalty: float = Field(1.1, gt=0)
-    batch_size: int = Field(16, ge=1)
+    num_beams: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    repetition_penalty: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
 
 
 class LabelerConfig(_Section):
     """all-MiniLM-L6-v2 (mean+max pooled tokens) + one head per label: frozen encoder + logistic heads, or the
     encoder fine-tuned with a linear head (BCE over labels). Evaluation reads either the same way."""
 
-    mode: Literal["frozen", "finetune"] = "frozen"
-    finetune_epochs: int = Field(3, ge=1)
-    finetune_max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as finetune_epochs take
-    finetune_batch_size: int = Field(16, ge=1)
-    finetune_lr: float = Field(5e-5, gt=0)  # encoder
-    finetune_head_lr: float = Field(1e-3, gt=0)  # the new classification head learns from scratch: larger rate
+    mode: Literal["frozen", "finetune"]
+    finetune_epochs: int = Field(ge=1)
+    finetune_max_steps: int = Field(ge=0)  # optimizer steps; 0 = as many as finetune_epochs take
+    finetune_batch_size: int = Field(ge=1)
+    finetune_lr: float = Field(gt=0)  # encoder
+    finetune_head_lr: float = Field(gt=0)  # the new classification head learns from scratch: larger rate
 
-    batch_size: int = Field(32, ge=1)  # encoder forward batch
-    max_length: int = Field(192, ge=8)
-    C: float = Field(10.0, gt=0)  # inverse L2 strength of the logistic heads
-    max_iter: int = Field(2000, ge=10)
-    out_dir: str = "models/labeler"
-    threshold: float = Field(0.5, gt=0, lt=1)  # probability above which a label counts as present
+    batch_size: int = Field(ge=1)  # encoder forward batch
+    max_length: int = Field(ge=8)
+    C: float = Field(gt=0)  # inverse L2 strength of the logistic heads
+    max_iter: int = Field(ge=10)
+    out_dir: str
+    threshold: float = Field(gt=0, lt=1)  # probability above which a label counts as present
 
 
 class CnnTransformerConfig(_Section):
     """The from-scratch R2Gen-like baseline: small conv net + transformer decoder over a word vocabulary."""
 
-    image_size: int = Field(64, ge=16)
-    d_model: int = Field(128, ge=8)
-    layers: int = Field(2, ge=1)
-    heads: int = Field(4, ge=1)
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    min_word_count: int = Field(2, ge=1)
-    max_tokens: int = Field(80, ge=4)
+    image_size: int = Field(ge=16)
+    d_model: int = Field(ge=8)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    min_word_count: int = Field(ge=1)
+    max_tokens: int = Field(ge=4)
 
 
 class EvaluateConfig(_Section):
-    bootstrap_iterations: int = Field(1000, ge=10)
-    bootstrap_seed: int = 0
-    confidence: float = Field(0.95, gt=0, lt=1)
-    out_dir: str = "reports"
-    baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
-        default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"]
-    )
-    preprocessing: Literal["r2gen", "dot_split", "iu_xray_r2gen", "none"] = "r2gen"
-    meteor_timeout_s: float = Field(300.0, gt=0)  # a METEOR JVM that stops answering fails the stage instead of hanging
-    examples_thumbnail: int = Field(128, ge=16)  # px of the longest side in reports/examples.html
+    bootstrap_iterations: int = Field(ge=10)
+    bootstrap_seed: int
+    confidence: float = Field(gt=0, lt=1)
+    out_dir: str
+    baselines: list[Baseline]
+    preprocessing: Literal["r2gen", "dot_split", "iu_xray_r2gen", "none"]
+    meteor_timeout_s: float = Field(gt=0)  # a METEOR JVM that stops answering fails the stage instead of hanging
+    examples_thumbnail: int = Field(ge=16)  # px of the longest side in reports/examples.html
     # also score clinical efficacy CheXbert-style: the rule labeler (data.report_labeler) reads the generated AND the
     # reference reports, P/R/F1 per label + micro/macro (RULE_* metrics; PromptMRG's convention with rules for CheXbert)
-    rule_ce: bool = False
-    cnn_transformer: CnnTransformerConfig = Field(default_factory=CnnTransformerConfig)
+    rule_ce: bool
+    cnn_transformer: CnnTransformerConfig
 
 
 class RegisterConfig(_Section):
-    model_name: str = "medvlm"
-    primary_metric: str = "CIDEr"
-    tie_break: str = "BLEU_4"
-    promotion_margin: float = Field(0.0, ge=0)
-    tracking_uri: str = "sqlite:///mlruns.db"
-    lock_timeout_s: float = Field(60.0, gt=0)  # wait this long for a concurrent promotion before failing
-    cache_dir: str = ".cache/registry"  # where registered versions are downloaded for --model / serving
+    model_name: str
+    primary_metric: str
+    tie_break: str
+    promotion_margin: float = Field(ge=0)
+    tracking_uri: str
+    lock_timeout_s: float = Field(gt=0)  # wait this long for a concurrent promotion before failing
+    cache_dir: str  # where registered versions are downloaded for --model / serving
 
 
 class MonitorConfig(_Section):
-    reference: Literal["train", "test"] = "train"
-    incoming_dir: str = "data/incoming"
-    drift_share: float = Field(0.3, gt=0, le=1)
-    pca_components: int = Field(5, ge=1)
-    out_dir: str = "reports/drift"
-    predict_diagnosis: bool = True  # run the champion on the batch to compare predicted vs training prevalence
+    reference: Literal["train", "test"]
+    incoming_dir: str
+    drift_share: float = Field(gt=0, le=1)
+    pca_components: int = Field(ge=1)
+    out_dir: str
+    predict_diagnosis: bool  # run the champion on the batch to compare predicted vs training prevalence
 
 
 class RetrainConfig(_Section):
-    cron: str = "0 3 * * 1"
-    workdir: str = "runs/retrain"  # ingested data and retrained outputs, apart from the DVC-tracked pipeline outputs
-    deployment: str = "retrain/medvlm-retrain"  # <flow name>/<deployment name> the drift monitor triggers
-    task_retries: int = Field(2, ge=0)  # Prefect retries of a task that failed for a transient reason
-    retry_delay_s: float = Field(10.0, ge=0)
+    cron: str
+    workdir: str  # ingested data and retrained outputs, apart from the DVC-tracked pipeline outputs
+    deployment: str  # <flow name>/<deployment name> the drift monitor triggers
+    task_retries: int = Field(ge=0)  # Prefect retries of a task that failed for a transient reason
+    retry_delay_s: float = Field(ge=0)
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    max_bytes: int = Field(20_000_000, ge=1024)  # largest accepted image (decoded bytes); larger -> 413
+    host: str
+    port: int = Field(ge=1, le=65535)
+    max_bytes: int = Field(ge=1024)  # largest accepted image (decoded bytes); larger -> 413
     # volume uploads (a NIfTI file or a zip of one DICOM series; medvlm.uploads): zip-bomb guards
-    max_volume_bytes: int = Field(1 << 30, ge=1024)  # bytes a zip may inflate to, counted while inflating
-    max_zip_members: int = Field(4096, ge=1)
-    max_zip_ratio: int = Field(100, ge=2)  # inflated / compressed bytes of one member
+    max_volume_bytes: int = Field(ge=1024)  # bytes a zip may inflate to, counted while inflating
+    max_zip_members: int = Field(ge=1)
+    max_zip_ratio: int = Field(ge=2)  # inflated / compressed bytes of one member
 
 
 class ExperimentConfig(_Section):
     """`medvlm experiment run`: strategy x ablation variant x seed on the current profile (see experiment.py)."""
 
-    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    out_root: str = "runs/experiments"  # the experiment's outputs go to <out_root>/<name>/
-    strategies: list[str] = Field(default_factory=list)  # [] = train.strategies
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)  # training seeds; the split stays fixed
-    ablations: dict[str, dict[str, Any]] = Field(default_factory=dict)  # variant name -> {dotted.setting: value}
-    ablation_strategies: list[str] = Field(default_factory=list)  # strategies that get the ablations ([] = all)
-    factorial: bool = False  # every combination of the ablations instead of one switch at a time
-    baselines: list[Literal["retrieval", "consensus", "cnn_transformer", "oracle"]] = Field(
-        default_factory=lambda: ["retrieval", "consensus", "cnn_transformer", "oracle"])
-    register_best: bool = False  # register the best full model of the first seed (register.model_name) when done
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    out_root: str  # the experiment's outputs go to <out_root>/<name>/
+    strategies: list[str]  # [] = train.strategies
+    seeds: list[int] = Field(min_length=1)  # training seeds; the split stays fixed
+    ablations: dict[str, dict[str, Any]]  # variant name -> {dotted.setting: value}
+    ablation_strategies: list[str]  # strategies that get the ablations ([] = all)
+    factorial: bool  # every combination of the ablations instead of one switch at a time
+    baselines: list[Baseline]
+    register_best: bool  # register the best full model of the first seed (register.model_name) when done
     # cells in parallel (medvlm.grid): > 1 = a local Dask cluster of this many worker processes, each cell a Prefect
     # task; cluster_address (e.g. tcp://scheduler:8786) = an existing Dask cluster instead. 1 and "": one by one here.
-    workers: int = Field(1, ge=1)
-    cluster_address: str = ""
-    goals: dict[str, dict[str, float]] = Field(default_factory=dict)  # experiment name -> {metric: minimum}
-    anchors: list[dict[str, Any]] = Field(default_factory=list)  # published figures printed beside ours
+    workers: int = Field(ge=1)
+    cluster_address: str
+    goals: dict[str, dict[str, float]]  # experiment name -> {metric: minimum}
+    anchors: list[dict[str, Any]]  # published figures printed beside ours
 
 
 class VolumeConfig(_Section):
     """CT volumes (DICOM series folder, NIfTI, NRRD): how they are loaded (MONAI) and what validation accepts."""
 
-    reader: Literal["auto", "itk", "pydicom"] = "auto"  # auto: ITK when installed, else pydicom / nibabel / pynrrd
-    hu_window: tuple[float, float] = (-1000.0, 1000.0)  # (low, high) HU -> [0, 1] (Merlin's convention), clipped
-    spacing: tuple[float, float, float] | None = (1.5, 1.5, 3.0)  # mm (RAS x, y, z) to resample to; null = native
-    shape: tuple[int, int, int] = (224, 224, 160)  # voxels (x, y, z) after resampling: centre crop / pad with air
-    max_voxels: int = Field(256 * 1024 * 1024, ge=1)  # decompression-bomb guard, checked on the headers before pixels
+    reader: Literal["auto", "itk", "pydicom"]  # auto: ITK when installed, else pydicom / nibabel / pynrrd
+    hu_window: tuple[float, float]  # (low, high) HU -> [0, 1] (Merlin's convention), clipped
+    spacing: tuple[float, float, float] | None  # mm (RAS x, y, z) to resample to; null = native
+    shape: tuple[int, int, int]  # voxels (x, y, z) after resampling: centre crop / pad with air
+    max_voxels: int = Field(ge=1)  # decompression-bomb guard, checked on the headers before pixels
     # validation expectations (rows outside are quarantined)
-    min_slices: int = Field(8, ge=1)
-    max_slices: int = Field(2000, ge=1)
-    min_spacing_mm: float = Field(0.1, gt=0)
-    max_spacing_mm: float = Field(10.0, gt=0)
-    min_side: int = Field(32, ge=1)  # smallest in-plane size (voxels)
-    min_hu: float = -3024.0  # the lowest voxel must lie in [min_hu, air_hu]: a CT of a chest contains air
-    air_hu: float = -500.0
-    max_hu: float = 32767.0
-    spacing_tolerance: float = Field(0.1, gt=0, lt=0.5)  # relative slice-gap deviation still counted as regular
+    min_slices: int = Field(ge=1)
+    max_slices: int = Field(ge=1)
+    min_spacing_mm: float = Field(gt=0)
+    max_spacing_mm: float = Field(gt=0)
+    min_side: int = Field(ge=1)  # smallest in-plane size (voxels)
+    min_hu: float  # the lowest voxel must lie in [min_hu, air_hu]: a CT of a chest contains air
+    air_hu: float
+    max_hu: float
+    spacing_tolerance: float = Field(gt=0, lt=0.5)  # relative slice-gap deviation still counted as regular
     # model.vision efficientnet-lite0-slices: slices sampled evenly along z, encoded in 2-D, pooled over depth
-    sampled_slices: int = Field(8, ge=1)
+    sampled_slices: int = Field(ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> "VolumeConfig":
@@ -398,24 +402,24 @@ warnings.filterwarnings("ignore", message='Field name "register"', category=User
 
 
 class Config(_Section):
-    seed: int = 0
-    synthesize: SynthesizeConfig = Field(default_factory=SynthesizeConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    labeler: LabelerConfig = Field(default_factory=LabelerConfig)
-    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
-    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig)
-    volume: VolumeConfig = Field(default_factory=VolumeConfig)
+    seed: int
+    synthesize: SynthesizeConfig
+    data: DataConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    split: SplitConfig
+    features: FeaturesConfig
+    model: ModelConfig
+    train: TrainConfig
+    pretrain: PretrainConfig
+    generate: GenerateConfig
+    labeler: LabelerConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig = Field()  # Field(): else the inherited ABCMeta.register would become its default
+    monitor: MonitorConfig
+    retrain: RetrainConfig
+    serve: ServeConfig
+    experiment: ExperimentConfig
+    volume: VolumeConfig
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
@@ -432,11 +436,16 @@ class Config(_Section):
         return self
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+# Mappings of named entries that a file or tree replaces as a whole instead of adding to: a profile's ablation grid
+# is the grid it lists, not the shipped one plus its own.
+_REPLACED_WHOLE = {("experiment", "ablations"), ("experiment", "goals")}
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any], where: tuple[str, ...] = ()) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and (*where, key) not in _REPLACED_WHOLE:
+            out[key] = _deep_merge(out[key], value, (*where, key))
         else:
             out[key] = value
     return out
@@ -459,7 +468,7 @@ def load_config(
 
     Raises ConfigError with one line naming the file and the offending key.
     """
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = default_params()  # keys a file leaves out keep the shipped value
     for source in [path, *(overlays or [])]:
         source = Path(source)
         try:
@@ -485,8 +494,44 @@ def load_config(
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build a Config from a plain mapping (tests, flows); same validation as load_config."""
-    return _validated(raw, origin="config")
+    """Build a Config from a plain mapping (tests, flows) laid over the shipped params.yaml; same validation as
+    load_config."""
+    return _validated(_deep_merge(default_params(), raw), origin="config")
+
+
+def default_config() -> Config:
+    """The shipped settings (params.yaml) as a Config."""
+    return _default_config()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_config() -> Config:
+    return _validated(default_params(), origin=str(_defaults_file()))
+
+
+def _defaults_file() -> Path:
+    """The shipped params.yaml: the checkout's (source / editable install) or the copy packaged in the wheel."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "params.yaml").is_file():
+        return checkout / "params.yaml"
+    packaged = Path(str(resources.files("medvlm") / "params.yaml"))
+    if packaged.is_file():
+        return packaged
+    raise ConfigError("the shipped params.yaml was not found (neither in the checkout nor in the installed package)")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_params() -> dict[str, Any]:
+    path = _defaults_file()
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def default_params() -> dict[str, Any]:
+    """The shipped params.yaml as a plain settings tree (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_default_params())
 
 
 def _validated(raw: dict[str, Any], origin: str) -> Config:
@@ -497,3 +542,4 @@ def _validated(raw: dict[str, Any], origin: str) -> Config:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"{origin}: {where}: {first['msg']}") from None
+

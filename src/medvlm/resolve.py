@@ -19,7 +19,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from medvlm.config import Config
+from medvlm.config import Config, default_config
 from medvlm.errors import ModelError, RegistryError
 
 DELETED_STAGE = "Deleted_Internal"  # MLflow's stage of a soft-deleted version
@@ -32,7 +32,7 @@ def resolve_model(spec: str | Path, cfg: Config | None = None) -> Path:
     spec: a local model folder (or a downloaded pyfunc model folder); an alias ("champion", "challenger");
     a version number; "models:/name/3", "models:/name@alias" or "runs:/<run_id>/model".
     Registered versions are downloaded once into register.cache_dir (versions are immutable)."""
-    cfg = cfg or Config()
+    cfg = cfg or default_config()
     local = Path(str(spec)).expanduser()
     if local.is_dir():
         return _model_folder(local, str(spec))

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from medvlm.config import ValidateConfig
+from medvlm.config import default_config
 from medvlm.errors import DataError, ImageDecodeError
 
-DEFAULT_MAX_PIXELS = ValidateConfig.model_fields["max_image_pixels"].default
+DEFAULT_MAX_PIXELS = default_config().validation.max_image_pixels  # the shipped validate.max_image_pixels
 # The standard radiological lung window (HU): shows parenchyma, ground glass and consolidation at once.
 LUNG_WINDOW = (-600.0, 1500.0)  # (center, width)
 _DICOM_MAGIC_OFFSET = 128  # DICOM part 10: 128-byte preamble, then b"DICM"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medvlm.config import VolumeConfig
+from medvlm.config import VolumeConfig, default_config
 from medvlm.errors import ImageDecodeError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
@@ -273,7 +273,7 @@ def _check_header_voxels(path: Path, fmt: str, max_voxels: int) -> None:
 
 def probe_volume(path: str | Path, vcfg: VolumeConfig | None = None) -> VolumeInfo:
     """Load a volume on its native grid (RAS) and report shape, spacing and HU range. Raises VolumeError."""
-    vcfg = vcfg or VolumeConfig()
+    vcfg = vcfg or default_config().volume
     volume, fmt = _load_native(Path(path), vcfg)
     spacing = tuple(float(s) for s in volume.pixdim[:3])
     array = volume.array if hasattr(volume, "array") else np.asarray(volume)
@@ -285,7 +285,7 @@ def load_volume(path: str | Path, vcfg: VolumeConfig | None = None):
     import torch
     from monai.transforms import Compose, ResizeWithPadOrCrop, ScaleIntensityRange, Spacing
 
-    vcfg = vcfg or VolumeConfig()
+    vcfg = vcfg or default_config().volume
     volume, _ = _load_native(Path(path), vcfg)
     low, high = vcfg.hu_window
     steps = [Spacing(pixdim=vcfg.spacing, mode="bilinear")] if vcfg.spacing else []
@@ -303,7 +303,7 @@ def volume_preview(path: str | Path, vcfg: VolumeConfig | None = None,
     image left, anterior up), lung window (center, width) by default: what 2-D consumers of a volume see."""
     from PIL import Image
 
-    volume, _ = _load_native(Path(path), vcfg or VolumeConfig())
+    volume, _ = _load_native(Path(path), vcfg or default_config().volume)
     array = volume.array if hasattr(volume, "array") else np.asarray(volume)
     plane = array[0, :, :, array.shape[-1] // 2][::-1, ::-1].T  # RAS (x, y) -> rows anterior->posterior
     center, width = window
