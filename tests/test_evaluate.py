@@ -55,7 +55,9 @@ def test_units_group_reports_of_one_image(tmp_path):
 
 def test_evaluate_writes_every_declared_file(tmp_path):
     cfg = make_cfg(tmp_path)
-    result = evaluate(cfg, "fake", fake_generations())
+    heat = {"label": "pneumonia", "probability": 0.9, "grid": [[0.0, 1.0], [0.5, 0.0]]}  # medvlm.explain, models only
+    result = evaluate(cfg, "fake", [{**g, **({"heatmap": heat} if g["study_id"] == "s0" else {})}
+                                    for g in fake_generations()])
     reports = tmp_path / "reports"
     written = json.loads((reports / "metrics" / "fake.json").read_text())
     assert written["n_test"] == 4 and written["n_test_rows"] == 5 and len(written["test_data_hash"]) == 64
@@ -67,6 +69,7 @@ def test_evaluate_writes_every_declared_file(tmp_path):
     assert "r2gen" in json.dumps(written["conventions"]).lower() or "R2Gen" in written["conventions"]["nlg"]
     gens = [json.loads(line) for line in (reports / "generations" / "fake.jsonl").read_text().splitlines()]
     assert [g["study_id"] for g in gens] == ["s0", "s1", "s2", "s3"] and len(gens[2]["references"]) == 2
+    assert gens[0]["heatmap"] == heat and "heatmap" not in gens[1]
     assert result["metrics"]["BLEU_4"] == written["metrics"]["BLEU_4"]
 
     evaluate(cfg, "other", [{**g, "generated": "lungs clear ."} for g in fake_generations()])

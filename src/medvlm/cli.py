@@ -265,12 +265,35 @@ def generate(
     fmt: str = typer.Option("text", "--format", "-f", help="text | json | markdown"),
     out: Optional[Path] = typer.Option(None, help="write the output to this file"),
     study: bool = typer.Option(False, "--study", help="all images are views of one study (e.g. frontal + lateral): one report"),
+    explain: Optional[Path] = typer.Option(
+        None, "--explain", help="also write per-finding heatmaps to this folder: <image stem>_<label>.png "
+        "(needs a DEM)"),
 ) -> None:
     """Generate a radiology report (and diagnosis probabilities) for images."""
     from medvlm.predict import generate_reports
 
-    code = generate_reports(paths, model, _config(), fmt, out, study=study)
+    code = generate_reports(paths, model, _config(), fmt, out, study=study, explain_dir=explain)
     raise typer.Exit(code=code)
+
+
+@app.command("explain-phantom")
+@user_errors
+def explain_phantom(
+    model: str = typer.Option("champion", help="registry alias, version number, runs:/ URI or a local model folder"),
+    manifest: Optional[Path] = typer.Option(None, help="phantom rows to score (default: split.out_dir/test.jsonl)"),
+    root: Optional[Path] = typer.Option(None, help="folder the manifest's image paths are relative to "
+                                        "(default data.root)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="score only the first N rows with findings"),
+) -> None:
+    """How well the per-finding heatmaps fall on what the phantom drew: hit rate per label."""
+    from medvlm.explain import phantom_hit_rates
+    from medvlm.predict import check_explainable, load_predictor
+
+    cfg = _config()
+    predictor = load_predictor(model, cfg)
+    check_explainable(predictor)
+    _print_summary(phantom_hit_rates(predictor, manifest or Path(cfg.split.out_dir) / "test.jsonl",
+                                     root or cfg.data.root, cfg.data.manifest, limit))
 
 
 @app.command()

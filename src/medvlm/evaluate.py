@@ -1,7 +1,8 @@
 """evaluate@name: one trained strategy (models/<name>) or one baseline, scored on the test split the same way.
 
-Writes reports/generations/<name>.jsonl (what was generated, per test study) and reports/metrics/<name>.json
-(point estimates, bootstrap CIs, the scoring conventions, the test-set hash, the labeler's own quality next to the
+Writes reports/generations/<name>.jsonl (what was generated, per test study; for a model with a DEM also the
+low-resolution heatmap of the study's most probable finding, medvlm.explain, drawn by the examples page) and
+reports/metrics/<name>.json (point estimates, bootstrap CIs, the scoring conventions, the test-set hash, the labeler's own quality next to the
 clinical-efficacy figures, and for models the discrimination module's own accuracy from the image). Everything is
 logged to MLflow, into the model's training run when its id is recorded in the model folder.
 
@@ -187,6 +188,11 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
     features, ids = load_features(cfg, "test")
     rows = predictor.predict_features(features)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
+    from medvlm.explain import top_label_grids
+
+    # the heatmap of each study's most probable finding, for the examples page (models with a DEM only)
+    for g, heat in zip(gens, top_label_grids(predictor.model, features, predictor.label_names) or []):
+        g["heatmap"] = heat
     facts = {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
     if predictor.meta.get("dem_thresholds"):
         facts["dem_thresholds"] = predictor.meta["dem_thresholds"]
@@ -219,7 +225,8 @@ def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> d
             g = generated[u["unit_id"]]
             fh.write(json.dumps({"study_id": u["unit_id"], "row_ids": u["row_ids"], "references": u["references"],
                                  "generated": g["generated"], "probabilities": g.get("probabilities") or {},
-                                 "labels": u["labels"]}, ensure_ascii=False) + "\n")
+                                 "labels": u["labels"], **({"heatmap": g["heatmap"]} if g.get("heatmap") else {})},
+                                ensure_ascii=False) + "\n")
     result = {
         "name": name,
         "producer": producer,

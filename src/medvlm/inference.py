@@ -100,3 +100,16 @@ class Predictor:
             cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"batch_size": batch_size})})
         feats = study_features(self.model.vision, [list(v) for v in studies], cfg)
         return self.predict_features(feats, batch_size)
+
+    def check_explainable(self) -> None:
+        """One-line ModelError unless this model can be explained (a DEM and a 2-D image encoder)."""
+        from medvlm.explain import check_explainable
+
+        check_explainable(self.model)
+
+    def explain(self, images: list[Image.Image]) -> list:
+        """Per-label heatmaps of each image (medvlm.explain.Explanation: maps at the image's size, in [0, 1]);
+        one-line ModelError for a model without DEM or with a volume encoder."""
+        from medvlm.explain import explain_images
+
+        return explain_images(self.model, images, self.label_names, self.cfg.features.batch_size)

@@ -70,14 +70,32 @@ def _safe_is_dicom(path: Path, is_dicom: Callable) -> bool:
 
 
 def run_predictions(
-    files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False
+    files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False,
+    explain_dir: str | Path | None = None,
 ) -> Outcome:
     """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures.
 
-    study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them."""
+    study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them.
+    explain_dir: also write per-label heatmap overlays <explain_dir>/<image stem>_<label>.png (medvlm.explain; in a
+    study, each view's own), listed under "heatmaps" (label -> path) in each result."""
     from medvlm.features import load_view
 
     outcome = Outcome()
+    stems: dict[str, int] = {}
+
+    def heatmaps(paths: list[Path], images: list) -> list[tuple[str, dict[str, str]]]:
+        """(file stem, label -> overlay path) per image; a stem seen before gets a -2, -3... suffix."""
+        if explain_dir is None:
+            return [("", {}) for _ in images]
+        from medvlm.explain import write_overlays
+
+        out = []
+        for path, image, exp in zip(paths, images, predictor.explain(images)):
+            stem = image_stem(path)
+            stems[stem] = stems.get(stem, 0) + 1
+            stem = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"
+            out.append((stem, write_overlays(image, exp, explain_dir, stem)))
+        return out
     vision = getattr(getattr(predictor, "model", None), "vision", None)  # a volume encoder takes volumes whole
     view_cfg = getattr(predictor, "cfg", cfg)  # the model's own volume settings (those it was trained with)
 
@@ -102,8 +120,11 @@ def run_predictions(
         images, kept = decode(files)
         if images:
             pred = predictor.predict_studies([images])[0]
+            views = heatmaps(kept, images)  # each view's own maps; keys "<stem>:<label>" when there are several
+            maps = {(f"{stem}:{k}" if len(views) > 1 else k): v for stem, m in views for k, v in m.items()}
             outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
-                                    "probabilities": rounded(pred), **similar(pred)})
+                                    "probabilities": rounded(pred), **similar(pred),
+                                    **({"heatmaps": maps} if explain_dir is not None else {})})
         return outcome
     batch_size = cfg.generate.batch_size
     progress = Progress(
@@ -116,11 +137,17 @@ def run_predictions(
             batch = files[start : start + batch_size]
             images, kept = decode(batch)
             if images:
-                for path, pred in zip(kept, predictor.predict(images)):
+                for path, pred, (_, maps) in zip(kept, predictor.predict(images), heatmaps(kept, images)):
                     outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred),
-                                            **similar(pred)})
+                                            **similar(pred), **({"heatmaps": maps} if explain_dir is not None else {})})
             progress.advance(task, len(batch))
     return outcome
+
+
+def image_stem(path: Path) -> str:
+    """File name without its suffix (both parts of .nii.gz)."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
 
 
 def format_results(results: list[dict], fmt: str) -> str:
@@ -134,6 +161,8 @@ def format_results(results: list[dict], fmt: str) -> str:
             if r.get("similar_cases"):
                 parts.append("*similar cases:* " + ", ".join(f"{c['study_id']} ({c['similarity']:.2f})"
                                                             for c in r["similar_cases"]) + "\n")
+            if r.get("heatmaps"):
+                parts.append("*heatmaps:* " + ", ".join(f"[{k}]({v})" for k, v in r["heatmaps"].items()) + "\n")
         return "\n".join(parts)
     lines = []
     for r in results:
@@ -141,6 +170,8 @@ def format_results(results: list[dict], fmt: str) -> str:
         lines += [f"== {r['path']}", r["report"], f"probabilities: {probs}"]
         if r.get("similar_cases"):
             lines.append("similar cases: " + ", ".join(f"{c['study_id']} ({c['similarity']:.2f})" for c in r["similar_cases"]))
+        if r.get("heatmaps"):
+            lines.append("heatmaps: " + ", ".join(r["heatmaps"].values()))
         lines.append("")
     return "\n".join(lines)
 
@@ -156,11 +187,13 @@ def generate_reports(
     stdout: TextIO | None = None,
     console: Console | None = None,
     study: bool = False,
+    explain_dir: str | Path | None = None,
 ) -> int:
     """The logic behind `medvlm generate`. Returns the exit code: 0 all done, 1 some files failed, 2 none read.
 
     predictor_factory(model_dir, cfg) builds the predictor (default medvlm.inference.Predictor.load).
-    study=True: all images found are views of one study, reported together (multi-view models)."""
+    study=True: all images found are views of one study, reported together (multi-view models).
+    explain_dir: per-label heatmap overlays are written there (a model without DEM stops with one line first)."""
     if fmt not in FORMATS:
         raise DataError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
     console = console or Console(stderr=True)
@@ -171,7 +204,9 @@ def generate_reports(
         console.print("[red]error:[/red] no image files found in the given paths", highlight=False)
         return EXIT_NOTHING_READ
     predictor = load_predictor(model_spec, cfg, predictor_factory)
-    outcome = run_predictions(files, predictor, cfg, console, study=study)
+    if explain_dir is not None:
+        check_explainable(predictor)
+    outcome = run_predictions(files, predictor, cfg, console, study=study, explain_dir=explain_dir)
     for line in outcome.failures:
         console.print(f"[red]skipped:[/red] {line}", highlight=False, soft_wrap=True)
     text = format_results(outcome.results, fmt)
@@ -181,9 +216,22 @@ def generate_reports(
         console.print(f"wrote {len(outcome.results)} report(s) to {out}", highlight=False)
     else:
         (stdout or sys.stdout).write(text)
+    if explain_dir is not None:
+        n_maps = sum(len(r.get("heatmaps", {})) for r in outcome.results)
+        console.print(f"wrote {n_maps} heatmap(s) to {explain_dir}", highlight=False)
     if not outcome.results:
         return EXIT_NOTHING_READ
     return EXIT_SOME_FAILED if (outcome.failures or problems) else EXIT_OK
+
+
+def check_explainable(predictor) -> None:
+    """One-line ModelError unless the predictor can draw per-label heatmaps (a DEM, a 2-D image encoder)."""
+    from medvlm.errors import ModelError
+
+    check = getattr(predictor, "check_explainable", None)
+    if check is None or not hasattr(predictor, "explain"):
+        raise ModelError("this model cannot produce heatmaps (it has no per-finding classifier to explain)")
+    check()
 
 
 def load_predictor(model_spec: str, cfg: Config, predictor_factory: Callable | None = None):

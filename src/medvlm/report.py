@@ -1,8 +1,9 @@
 """report: one results table over every evaluated model and baseline, CI bar charts, qualitative examples.
 
 Reads reports/metrics/<name>.json and reports/generations/<name>.jsonl (written by evaluate) and writes
-reports/results.md, reports/plots/<metric>.png, reports/examples.html and reports/summary.json (flat
-name -> metric -> value, for `dvc metrics show/diff`).
+reports/results.md, reports/plots/<metric>.png, reports/examples.html (with, per model with a DEM, the heatmap of
+each study's most probable finding over its thumbnail) and reports/summary.json (flat name -> metric -> value, for
+`dvc metrics show/diff`).
 """
 
 from __future__ import annotations
@@ -195,18 +196,35 @@ def _plots(folder: Path, names: list[str], results: dict) -> list[str]:
     return written
 
 
-def _thumbnail(cfg: Config, rel_paths: list[str]) -> str:
+def _thumbnail_image(cfg: Config, rel_paths: list[str]):
     from medvlm.data.images import load_images_for_study
     from medvlm.errors import DataError
 
     try:
         img = load_images_for_study(cfg.data.root, rel_paths)[0]
     except DataError:  # the examples page must not fail because one image moved; it says so instead
-        return ""
+        return None
     img.thumbnail((cfg.evaluate.examples_thumbnail, cfg.evaluate.examples_thumbnail))
+    return img
+
+
+def _png(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _heatmap_cell(thumb, heatmap: dict | None) -> str:
+    """The generation's heatmap (its most probable finding, from evaluate) over the thumbnail, as a JPEG (a page of
+    colour PNGs per model and row grows large); "" without either."""
+    if thumb is None or not heatmap or not heatmap.get("grid"):
+        return ""
+    from medvlm.explain import encode, overlay, upsample
+
+    img = overlay(thumb, upsample(heatmap["grid"], thumb.size))
+    data = base64.b64encode(encode(img, "JPEG")).decode("ascii")
+    return (f"<br><img src='data:image/jpeg;base64,{data}' alt='heatmap'><div class='p'>heatmap: "
+            f"{html.escape(str(heatmap['label']))} {float(heatmap['probability']):.2f}</div>")
 
 
 def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
@@ -227,16 +245,16 @@ def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
              "<style>body{font-family:sans-serif} td{vertical-align:top;border-bottom:1px solid #ccc;padding:4px}"
              " .p{color:#555;font-size:85%}</style><h1>Test-set examples</h1><table>"]
     for sid in ids:
-        thumb = _thumbnail(cfg, images[sid]) if sid in images else ""
+        thumb = _thumbnail_image(cfg, images[sid]) if sid in images else None
         first = next(iter(generations.values()))[sid]
-        img = f"<img src='data:image/png;base64,{thumb}'>" if thumb else "(image unavailable)"
+        img = f"<img src='data:image/png;base64,{_png(thumb)}'>" if thumb is not None else "(image unavailable)"
         cells = [f"<td>{img}<br>{html.escape(sid)}</td>",
                  "<td><b>reference</b><br>" + "<hr>".join(html.escape(r) for r in first["references"]) + "</td>"]
         for n, gens in generations.items():
             g = gens.get(sid, {})
             probs = ", ".join(f"{k} {v:.2f}" for k, v in (g.get("probabilities") or {}).items())
             cells.append(f"<td><b>{html.escape(n)}</b><br>{html.escape(g.get('generated', ''))}"
-                         f"<div class='p'>{html.escape(probs)}</div></td>")
+                         f"<div class='p'>{html.escape(probs)}</div>{_heatmap_cell(thumb, g.get('heatmap'))}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
     path = out / "examples.html"

@@ -3,14 +3,18 @@
     GET  /health   -> {"status": "ok", "model": ..., "labels": [...]}
     POST /predict  -> {"report": str, "probabilities": {label: p}}
          body: JSON {"image": "<base64 image bytes>"}  or  multipart/form-data with a file field "file" (or "image")
+         explain (query parameter `?explain=true`, JSON field "explain": true or form field explain=true): the
+         response also has "heatmaps": {label: "<base64 PNG>"}, per-finding overlays (medvlm.explain; 422 when the
+         model has no DEM)
          the bytes may also be a NIfTI volume (.nii / .nii.gz) or a zip of one DICOM series (medvlm.uploads: zip-slip
          and zip-bomb guards, serve.max_volume_bytes / max_zip_members / max_zip_ratio)
 
 Bad input is always a 4xx with a one-line message, never a 500: 413 too large (serve.max_bytes, checked before the
 body is read when Content-Length says so, and while streaming otherwise), 415 not JSON/multipart or not an image,
-400 malformed JSON / base64, 422 missing field. Uploads are decoded by the one image loader (pixel-bomb guard
-included); nothing a client sends is ever unpickled. One predictor, one request at a time (a lock): the model is
-not re-entrant and a CPU cannot run two generations faster than one after the other.
+400 malformed JSON / base64, 422 missing field, an explain value that is not a boolean or a model that cannot
+explain. Uploads are decoded by the one image loader (pixel-bomb guard included); nothing a client sends is ever
+unpickled. One predictor, one request at a time (a lock): the model is not re-entrant and a CPU cannot run two
+generations faster than one after the other.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from medvlm.uploads import upload_kind
 # base64 grows bytes by 4/3; the JSON or multipart envelope around the image gets this much on top
 ENVELOPE_BYTES = 64 * 1024
 FILE_FIELDS = ("file", "image")
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
 class BadRequest(Exception):
@@ -53,6 +58,17 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
     max_bytes = cfg.serve.max_bytes
     info = {"labels": list(cfg.data.label_names), **(model_info or {})}
 
+    def explain_problem() -> str | None:
+        """Why this model cannot explain (one line), or None when it can."""
+        from medvlm.errors import MedVLMError
+        from medvlm.predict import check_explainable
+
+        try:
+            check_explainable(predictor)
+        except MedVLMError as exc:
+            return str(exc)
+        return None
+
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, exc: BadRequest):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
@@ -63,22 +79,30 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        data = await _image_bytes(request, max_bytes)
+        data, fields = await _image_bytes(request, max_bytes)
+        explain = _flag(request.query_params.get("explain"), fields.get("explain"))
         kind = upload_kind(data)
         if kind is not None:  # a NIfTI volume or a zip of a DICOM series
             image = await run_in_threadpool(_decode_volume, data, kind, predictor, cfg)
         else:
             image = await run_in_threadpool(_decode, data, cfg.validation.max_image_pixels)
+        if explain:  # checked before the (slow) generation, after the upload's own checks
+            problem = await run_in_threadpool(explain_problem)
+            if problem is not None:
+                raise BadRequest(422, f"explain: {problem}")
 
         def _run():
             with lock:
-                return predictor.predict([image])[0]
+                pred = predictor.predict([image])[0]
+                return pred, (predictor.explain([image])[0] if explain else None)
 
-        pred = await run_in_threadpool(_run)
+        pred, explanation = await run_in_threadpool(_run)
         probs = {k: float(v) for k, v in pred.get("probabilities", {}).items()}
         out = {"report": pred["report"], "probabilities": probs}
         if "similar_cases" in pred:  # model.retrieval: the training cases the prompt showed (study id, similarity)
             out["similar_cases"] = pred["similar_cases"]
+        if explanation is not None:
+            out["heatmaps"] = await run_in_threadpool(_encoded_overlays, image, explanation)
         return out
 
     return app
@@ -100,24 +124,47 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _image_bytes(request: Request, max_bytes: int) -> bytes:
+def _flag(*values: Any) -> bool:
+    """The explain option from the query string, the JSON body or the form (any of them true)."""
+    on = False
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            on |= value
+        elif isinstance(value, str) and value.strip().lower() in TRUE + FALSE:
+            on |= value.strip().lower() in TRUE
+        else:
+            raise BadRequest(422, f"explain must be true or false, not {str(value)[:40]!r}")
+    return on
+
+
+def _encoded_overlays(image, explanation) -> dict[str, str]:
+    from medvlm.explain import encode, overlays
+
+    return {name: base64.b64encode(encode(img, "PNG")).decode("ascii")
+            for name, img in overlays(image, explanation).items()}
+
+
+async def _image_bytes(request: Request, max_bytes: int) -> tuple[bytes, dict]:
+    """(image bytes, the other fields of the body: JSON keys or form text fields)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("application/json", "multipart/form-data"):
         raise BadRequest(415, f"content type {content_type or 'none'!r}: send application/json "
                               "{\"image\": <base64>} or multipart/form-data with a file field 'file'")
     body = await _read_capped(request, body_limit(max_bytes))
     if content_type == "application/json":
-        data = _from_json(body)
+        data, fields = _from_json(body)
     else:
-        data = await _from_multipart(request, body, max_bytes)
+        data, fields = await _from_multipart(request, body, max_bytes)
     if not data:
         raise BadRequest(422, "the image is empty")
     if len(data) > max_bytes:
         raise BadRequest(413, f"image of {len(data)} bytes exceeds serve.max_bytes ({max_bytes})")
-    return data
+    return data, fields
 
 
-def _from_json(body: bytes) -> bytes:
+def _from_json(body: bytes) -> tuple[bytes, dict]:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -127,12 +174,13 @@ def _from_json(body: bytes) -> bytes:
     if not isinstance(payload["image"], str):
         raise BadRequest(422, "field 'image' must be a base64 string")
     try:
-        return base64.b64decode(payload["image"], validate=True)
+        data = base64.b64decode(payload["image"], validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(400, "field 'image' is not valid base64") from None
+    return data, {k: v for k, v in payload.items() if k != "image"}
 
 
-async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> bytes:
+async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> tuple[bytes, dict]:
     async def _stream() -> AsyncIterator[bytes]:
         yield body
 
@@ -144,7 +192,8 @@ async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> byte
         upload = next((form[f] for f in FILE_FIELDS if f in form and hasattr(form[f], "read")), None)
         if upload is None:
             raise BadRequest(422, "missing file field 'file' in the multipart form")
-        return await upload.read(max_bytes + 1)
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return await upload.read(max_bytes + 1), fields
     finally:
         await form.close()
 

@@ -43,6 +43,7 @@ AIR, LUNG, FAT, MUSCLE, HEART, BONE, MARROW, CANAL = 0.0, 38.0, 165.0, 195.0, 21
 VESSEL, GGO, CRAZY_HAZE, CRAZY_GRID, CONSOLIDATION, BRONCHOGRAM = 172.0, 118.0, 112.0, 165.0, 208.0, 55.0
 NODULE, FIBROUS, EFFUSION = 218.0, 185.0, 185.0
 NOISE_STD = 4.0  # grey levels of scanner noise before the scanner's noise scale
+MIN_REGION_DIFF = 8  # grey levels: a pixel belongs to a finding's drawn region when drawing it changes it by more
 PNG_COMPRESS_LEVEL = 3  # zlib level: ~4x faster than Pillow's default 6 for ~10% larger files
 
 # Sampling of abnormal studies: how many findings, which types, sides, extents; distributions per type.
@@ -389,14 +390,19 @@ def _draw_finding(img, f, lungs, free, occupied, rng, size):
     return drawn
 
 
+def drawing_order(findings: list[dict]) -> list[dict]:
+    """The order render_slice draws findings in. Effusion first: it takes the dependent lung, and lung lesions are
+    then placed in what remains."""
+    return sorted(findings, key=lambda f: (f["type"] != "effusion", FINDING_TYPES.index(f["type"])))
+
+
 def render_slice(level: str, findings: list[dict], size: int, seed: list[int], scanner: Scanner = Scanner(),
                  return_lungs: bool = False):
     """Pixels of one study (uint8, size x size). Anatomy, lesions and noise use separate seed streams, so the same
     seed with and without a finding differs only where the finding is drawn."""
     anatomy_rng, lesion_rng, noise_rng = (np.random.default_rng([*seed, k]) for k in range(3))
     img, lungs = _anatomy(level, anatomy_rng, size)
-    # Effusion first: it takes the dependent lung, and lung lesions are then placed in what remains.
-    order = sorted(findings, key=lambda f: (f["type"] != "effusion", FINDING_TYPES.index(f["type"])))
+    order = drawing_order(findings)
     free = np.ones((size, size), bool)
     occupied = np.zeros((size, size), bool)
     for f in order:
@@ -412,6 +418,34 @@ def render_slice(level: str, findings: list[dict], size: int, seed: list[int], s
     img = img * gain + offset + scanner.intensity_shift * 255.0
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     return (out, {s: l["mask"] for s, l in lungs.items()}) if return_lungs else out
+
+
+def finding_regions(level: str, findings: list[dict], size: int, seed: list[int], scanner: Scanner = Scanner(),
+                    min_diff: int = MIN_REGION_DIFF) -> list[np.ndarray]:
+    """Where each finding is drawn (bool masks (size, size), in the order of `findings`): the pixels that change by
+    more than `min_diff` grey levels when the finding is drawn. All lesions share one random stream, consumed in
+    drawing order, so leaving out a finding that is not drawn last re-draws the later ones elsewhere; a finding's
+    region is therefore the change it makes on top of the findings drawn before it (same seed, so same anatomy and
+    noise: nothing else differs)."""
+    order = drawing_order(findings)
+    renders = [render_slice(level, order[:i], size, seed, scanner).astype(np.int16) for i in range(len(order) + 1)]
+    masks = {id(f): np.abs(renders[i + 1] - renders[i]) > min_diff for i, f in enumerate(order)}
+    return [masks[id(f)] for f in findings]
+
+
+def label_regions(level: str, findings: list[dict], size: int, seed: list[int], label_names: list[str],
+                  scanner: Scanner = Scanner(), min_diff: int = MIN_REGION_DIFF) -> dict[str, np.ndarray]:
+    """label -> where it is drawn, for the labels of `label_names` that the study has (labels_for): a finding type's
+    region is that finding's, pneumonia's the union of its infection patterns'."""
+    masks = finding_regions(level, findings, size, seed, scanner, min_diff)
+    labels = labels_for(findings, label_names)
+    out = {}
+    for name in label_names:
+        if not labels[name]:
+            continue
+        types = INFECTION_TYPES if name == "pneumonia" else (name,)
+        out[name] = np.any([m for f, m in zip(findings, masks) if f["type"] in types], axis=0)
+    return out
 
 
 def sample_study(rng: np.random.Generator, normal: bool) -> tuple[str, list[dict]]:
