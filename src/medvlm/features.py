@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from medvlm.config import Config
 from medvlm.errors import ConfigError, DataError
 from medvlm.manifest import read_manifest
-from medvlm.model.vision import VisionEncoder, build_vision
+from medvlm.model.encoder import VisionEncoder
+from medvlm.model.vision import build_vision
 from medvlm.model.vision3d import EFFICIENTNET_SLICES, VOLUME_ENCODERS, VolumeEncoder
 
 SPLITS = ("train", "test")

@@ -37,7 +37,8 @@ from medvlm.config import Config, PretrainConfig
 from medvlm.errors import ConfigError, DataError, ModelError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
-from medvlm.model.vision import VisionEncoder, build_vision, view_tokens
+from medvlm.model.encoder import VisionEncoder, view_tokens
+from medvlm.model.vision import build_vision
 from medvlm.tracking import flatten, log_metrics, log_params, mlflow_run
 
 TAIL_FILE = "vision_tail.safetensors"

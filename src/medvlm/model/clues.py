@@ -28,6 +28,7 @@ from torch import nn
 
 from medvlm.config import ModelConfig
 from medvlm.errors import ConfigError
+from medvlm.model.encoder import view_tokens
 
 
 class CrossModalInteraction(nn.Module):
@@ -69,8 +70,6 @@ class ZeroShotClueSource(nn.Module):
 
     def logits(self, trunk_features: torch.Tensor, concat_views: bool = False) -> torch.Tensor:
         """Cached trunk features (B, [V,] *trunk) -> (B, K)."""
-        from medvlm.model.vision import view_tokens
-
         with torch.no_grad():
             image = F.normalize(self.image_proj(view_tokens(self.tail, trunk_features, concat_views).mean(1)), dim=-1)
             return image @ (self.positive - self.negative).T / self.temperature

@@ -19,11 +19,12 @@ from medvlm.config import Config
 from medvlm.errors import ModelError
 from medvlm.model.clues import DiseaseClues
 from medvlm.model.discrimination import DiscriminationModule, discrimination_loss
+from medvlm.model.encoder import VisionEncoder, view_tokens
 from medvlm.model.lm import load_lm
 from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
 from medvlm.model.strategies import apply_strategy, check_strategy
-from medvlm.model.vision import VisionEncoder, build_vision, view_tokens
+from medvlm.model.vision import build_vision
 
 
 class MedVLM(nn.Module):

@@ -31,7 +31,8 @@ from torch import nn
 
 from medvlm.config import Config
 from medvlm.errors import ModelError
-from medvlm.model.vision import IMAGENET_MEAN, IMAGENET_STD, VisionEncoder
+from medvlm.model.encoder import IMAGENET_MEAN, IMAGENET_STD, VisionEncoder
+from medvlm.model.vision2d import efficientnet_encoder
 
 ASTRA = "astra-i3resnet152"
 EFFICIENTNET_SLICES = "efficientnet-lite0-slices"
@@ -177,9 +178,7 @@ def build_volume_encoder(cfg: Config) -> VolumeEncoder:
         net = load_astra_i3resnet()
         return i3resnet_encoder(net, cfg.features.image_size, ASTRA)
     if name == EFFICIENTNET_SLICES:
-        from medvlm.model.vision import _efficientnet
-
-        flat = _efficientnet(cfg.model.tune_vision_blocks, cfg.features.image_size)
+        flat = efficientnet_encoder(cfg.model.tune_vision_blocks, cfg.features.image_size)
         trunk = _SliceTrunk(flat.trunk, cfg.volume.sampled_slices, cfg.features.image_size)
         return VolumeEncoder(trunk, flat.tail, flat.width, cfg.features.image_size, EFFICIENTNET_SLICES)
     raise ModelError(f"model.vision={name!r}: not a volume encoder (have {list(VOLUME_ENCODERS)})")
