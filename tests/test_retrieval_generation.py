@@ -9,7 +9,7 @@ import torch
 from medvlm.errors import ConfigError
 from medvlm.generation import generate_ids
 from medvlm.inference import Predictor
-from medvlm.retrieval_index import RetrievalIndex
+from medvlm.model.retrieval import RetrievalIndex
 from medvlm.train import train
 from tiny_medvlm import TRUNK_SHAPE, tiny_config, write_cached_split
 

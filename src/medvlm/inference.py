@@ -20,6 +20,7 @@ from medvlm.errors import ModelError
 from medvlm.features import study_features
 from medvlm.generation import generate_reports
 from medvlm.model.medvlm import MedVLM
+from medvlm.model.retrieval import RetrievalIndex
 
 
 class Predictor:
@@ -54,8 +55,6 @@ class Predictor:
         model.set_output_vocab(meta.get("output_vocab"))
         model.set_label_thresholds(meta.get("dem_thresholds"))
         if trained.model.retrieval.enabled:
-            from medvlm.retrieval_index import RetrievalIndex
-
             model.retrieval_index = RetrievalIndex.load(model_dir)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)

@@ -48,9 +48,9 @@ from medvlm.manifest import read_manifest
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.clues import load_zero_shot
 from medvlm.model.discrimination import balanced_pos_weight
+from medvlm.model.retrieval import RetrievalIndex, embed
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
 from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
-from medvlm.retrieval_index import RetrievalIndex, embed, split_group_keys
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
 
 LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
@@ -81,7 +81,11 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
             raise DataError(f"{split_file}:{lineno}: labels lack {missing}")
         labels.append([float(row_labels[n]) for n in cfg.data.label_names])
     reports = [model.layout.encode_report(str(r)) for r in rows["report"]]
-    groups = split_group_keys(rows, cfg.data.group_by) if cfg.model.retrieval.enabled else None
+    groups = None
+    if cfg.model.retrieval.enabled:
+        from medvlm.data.split import split_group_keys  # here: it brings scikit-learn, needed with retrieval only
+
+        groups = split_group_keys(rows, cfg.data.group_by)
     return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups)
 
 

@@ -101,6 +101,13 @@ def split_groups(df: pd.DataFrame, group_by: str) -> np.ndarray:
     return np.asarray([names[find("g:" + key)] for key in keys], dtype=object)
 
 
+def split_group_keys(rows: pd.DataFrame, group_by: str) -> list[str]:
+    """The group each training row belongs to, as the split stage groups them (data.group_by)."""
+    if "image_hash" not in rows.columns:  # rows not written by the validate stage: each study its own image
+        rows = rows.assign(image_hash=rows["study_id"].astype(str))
+    return [str(g) for g in split_groups(rows, group_by)]
+
+
 def _grouped_split(df: pd.DataFrame, groups: np.ndarray, y: pd.Series, cfg: Config) -> tuple[np.ndarray, str]:
     """Boolean test mask over rows. The samples are distinct images (image-hash units, first-appearance order);
     in source mode they carry their group, and StratifiedGroupKFold keeps each group on one side while

@@ -23,6 +23,7 @@ from medvlm.model.encoder import VisionEncoder, view_tokens
 from medvlm.model.lm import load_lm
 from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
+from medvlm.model.retrieval import embed
 from medvlm.model.strategies import apply_strategy, check_strategy
 from medvlm.model.vision import build_vision
 
@@ -109,8 +110,6 @@ class MedVLM(nn.Module):
         """(prompt text, neighbours) per sample from the saved retrieval index (model.retrieval); (None, None) off."""
         if self.retrieval_index is None:
             return None, None
-        from medvlm.retrieval_index import embed
-
         spec = self.cfg.model.retrieval
         hits = self.retrieval_index.search(embed(self.retrieval_tail, trunk_features.float()).cpu(), spec.k)
         return [self.retrieval_index.context(h, spec.report_words) for h in hits], hits

@@ -97,11 +97,3 @@ def embed(tail: torch.nn.Module, trunk_features: torch.Tensor, batch_size: int =
     finally:
         tail.train(was_training)
 
-
-def split_group_keys(rows, group_by: str) -> list[str]:
-    """The group each training row belongs to, as the split stage groups them (data.group_by)."""
-    from medvlm.data.split import split_groups
-
-    if "image_hash" not in rows.columns:  # rows not written by the validate stage: each study its own image
-        rows = rows.assign(image_hash=rows["study_id"].astype(str))
-    return [str(g) for g in split_groups(rows, group_by)]
