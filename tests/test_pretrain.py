@@ -14,12 +14,12 @@ from medvlm.config import config_from_dict
 from medvlm.errors import ConfigError, ModelError
 from medvlm.features import feature_signature
 from medvlm.inference import Predictor
-from medvlm.model.vision import build_vision
-from medvlm.pretrain import (
-    TAIL_FILE, contrastive_loss, label_prompts, load_aligner, load_pretrained_tail, pretrain_vision,
-    pretrained_tail_digest, retrieval_recall, text_groups, zero_shot_label_similarity, zero_shot_logits,
+from medvlm.model.contrastive import (
+    contrastive_loss, label_prompts, retrieval_recall, text_groups, zero_shot_label_similarity, zero_shot_logits,
     zero_shot_prompt_embeddings,
 )
+from medvlm.model.vision import build_vision
+from medvlm.pretrain import TAIL_FILE, load_aligner, load_pretrained_tail, pretrain_vision, pretrained_tail_digest
 from medvlm.train import train
 
 

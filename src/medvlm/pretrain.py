@@ -24,126 +24,36 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from medvlm.config import Config, PretrainConfig
 from medvlm.errors import ConfigError, DataError, ModelError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
-from medvlm.model.encoder import VisionEncoder, view_tokens
+from medvlm.model.clues import ZeroShotClueSource
+from medvlm.model.contrastive import (
+    ContrastiveAligner,
+    TextEncoder,
+    contrastive_loss,
+    encode_texts,
+    retrieval_recall,
+    text_groups,
+    zero_shot_logits,
+    zero_shot_prompt_embeddings,
+)
+from medvlm.model.encoder import VisionEncoder
 from medvlm.model.vision import build_vision
+from medvlm.schedule import lr_factor
 from medvlm.tracking import flatten, log_metrics, log_params, mlflow_run
 
 TAIL_FILE = "vision_tail.safetensors"
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.json"
 DISABLED_FILE = "disabled.json"
-RECALL_AT = (1, 5, 10)
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 1.0  # CLIP caps its logit scale at 100
-
-
-class TextEncoder(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
-
-
-class ContrastiveAligner(nn.Module):
-    """Vision tail + image/report projections into one normalised embedding space, and the temperature."""
-
-    def __init__(self, vision: VisionEncoder, text_dim: int, pc: PretrainConfig, concat_views: bool = False):
-        super().__init__()
-        self.vision, self.concat_views = vision, concat_views
-        self.vision.trunk.requires_grad_(False)
-        self.image_proj = nn.Linear(vision.width, pc.embed_dim)
-        self.text_proj = nn.Linear(text_dim, pc.embed_dim)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(pc.temperature)), requires_grad=pc.learn_temperature)
-
-    def image_embeddings(self, trunk_features: torch.Tensor) -> torch.Tensor:
-        """(B, [V,] *trunk) -> (B, embed_dim); with concat_views a study pools the tokens of all its views."""
-        return F.normalize(self.image_proj(view_tokens(self.vision, trunk_features, self.concat_views).mean(1)), dim=-1)
-
-    def text_embeddings(self, text_features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_features), dim=-1)
-
-    def temperature(self) -> torch.Tensor:
-        return self.log_temperature.exp().clamp(MIN_TEMPERATURE, MAX_TEMPERATURE)
-
-    def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("vision.")}
-
-
-def text_groups(texts: list[str]) -> torch.Tensor:
-    """One id per distinct report text: rows with the same id are each other's positives."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(t, len(ids)) for t in texts])
-
-
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, temperature: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE of L2-normalised (B, D) embeddings; the target spreads over all same-text rows."""
-    logits = image @ text.T / temperature
-    positive = (groups[:, None] == groups[None, :]).to(logits.dtype)  # symmetric
-    target = positive / positive.sum(1, keepdim=True)
-    image_to_text = -(target * logits.log_softmax(1)).sum(1).mean()
-    text_to_image = -(target * logits.T.log_softmax(1)).sum(1).mean()
-    return (image_to_text + text_to_image) / 2
-
-
-def retrieval_recall(image: torch.Tensor, text: torch.Tensor, groups: torch.Tensor, ks=RECALL_AT) -> dict:
-    """Recall@k both ways, and what random ranking would score (a query with m positives among N: 1 - C(N-m,k)/C(N,k))."""
-    sim = image @ text.T
-    positive = groups[:, None] == groups[None, :]
-    n = len(groups)
-    out: dict = {}
-    for direction, scores in (("image_to_report", sim), ("report_to_image", sim.T)):
-        hits = positive.gather(1, scores.argsort(dim=1, descending=True, stable=True))
-        for k in ks:
-            out[f"{direction}_R@{k}"] = round(float(hits[:, :k].any(1).double().mean()), 6)
-    m = positive.sum(1).tolist()
-    for k in ks:
-        chance = np.mean([1 - math.comb(n - mi, k) / math.comb(n, k) if k <= n else 1.0 for mi in m])
-        out[f"chance_R@{k}"] = round(float(chance), 6)
-    return out
-
-
-def label_prompts(label_names: list[str], template: str) -> list[str]:
-    return [template.format(label=name.replace("_", " ")) for name in label_names]
-
-
-@torch.no_grad()
-def zero_shot_label_similarity(aligner: ContrastiveAligner, text_encoder: TextEncoder, trunk_features: torch.Tensor,
-                               label_names: list[str], template: str = "findings of {label}") -> np.ndarray:
-    """(N, K) cosine similarity of each image's embedding with the embedding of each label's prompt."""
-    aligner.eval()
-    prompts = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, template)))
-    image = torch.cat([aligner.image_embeddings(trunk_features[s : s + 64]) for s in range(0, len(trunk_features), 64)])
-    return (image @ prompts.T).numpy()
-
-
-@torch.no_grad()
-def zero_shot_prompt_embeddings(aligner: ContrastiveAligner, text_encoder: TextEncoder, label_names: list[str],
-                                pc: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) prompt embeddings (K, embed_dim), normalised: CLIP-style binary zero-shot
-    classification, p_k = softmax_T(cos(image, positive_k), cos(image, negative_k))[0]."""
-    aligner.eval()
-    positive = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, pc.label_prompt)))
-    negative = aligner.text_embeddings(_encode(text_encoder, label_prompts(label_names, pc.negative_prompt)))
-    return positive, negative
-
-
-@torch.no_grad()
-def zero_shot_logits(aligner: ContrastiveAligner, prompts: tuple[torch.Tensor, torch.Tensor],
-                     trunk_features: torch.Tensor) -> torch.Tensor:
-    """(N, K) logits of the binary zero-shot classification: (cos(image, pos) - cos(image, neg)) / T."""
-    aligner.eval()
-    positive, negative = prompts
-    image = torch.cat([aligner.image_embeddings(trunk_features[s : s + 64]) for s in range(0, len(trunk_features), 64)])
-    return image @ (positive - negative).T / aligner.temperature()
 
 
 def _split_texts(cfg: Config, split: str, ids: list[str]) -> list[str]:
@@ -164,10 +74,6 @@ def _zero_shot_auroc(cfg: Config, aligner: ContrastiveAligner, encoder: TextEnco
     scores = zero_shot_logits(aligner, zero_shot_prompt_embeddings(aligner, encoder, names, cfg.pretrain), feats).numpy()
     return {n: (round(float(roc_auc_score(truth[:, k], scores[:, k])), 4) if len(set(truth[:, k])) == 2 else None)
             for k, n in enumerate(names)}
-
-
-def _encode(encoder: TextEncoder, texts: list[str]) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(encoder.encode(texts), dtype=np.float32))
 
 
 @torch.no_grad()
@@ -206,7 +112,7 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
         from medvlm.labeler import ReportEncoder
 
         text_encoder = ReportEncoder(cfg.labeler.max_length, cfg.labeler.batch_size)
-    train_text, test_text = _encode(text_encoder, train_texts), _encode(text_encoder, test_texts)
+    train_text, test_text = encode_texts(text_encoder, train_texts), encode_texts(text_encoder, test_texts)
     train_groups, test_groups = text_groups(train_texts), text_groups(test_texts)
 
     torch.manual_seed(cfg.seed)
@@ -224,8 +130,6 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
     per_epoch = math.ceil(n / pc.batch_size)
     total = per_epoch * pc.epochs
     # one epoch of linear warmup (random heads would otherwise push large gradients into the tail), then cosine
-    from medvlm.train import lr_factor  # here: train imports this module
-
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, per_epoch, total))
     epoch_losses = []
     with mlflow_run(cfg, run_name="pretrain-vision", tags={"stage": "pretrain_vision"}) as run:
@@ -315,3 +219,22 @@ def load_aligner(cfg: Config) -> ContrastiveAligner:
     if missing or result.unexpected_keys:
         raise ModelError(f"{heads_path}: does not fit the aligner (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return aligner.eval()
+
+
+def load_zero_shot(source: ZeroShotClueSource, cfg: Config, text_encoder: TextEncoder | None = None) -> dict:
+    """Fill the zero-shot clue source (model.clue_source=zero_shot) from this stage's aligner and the label
+    prompts; returns a summary."""
+    aligner = load_aligner(cfg)
+    if text_encoder is None:
+        from medvlm.labeler import ReportEncoder
+
+        text_encoder = ReportEncoder(cfg.labeler.max_length, cfg.labeler.batch_size)
+    positive, negative = zero_shot_prompt_embeddings(aligner, text_encoder, cfg.data.label_names, cfg.pretrain)
+    with torch.no_grad():
+        source.tail.load_state_dict(aligner.vision.tail.state_dict())
+        source.image_proj.load_state_dict(aligner.image_proj.state_dict())
+        source.positive.copy_(positive)
+        source.negative.copy_(negative)
+        source.temperature.copy_(aligner.temperature())
+    return {"temperature": round(float(source.temperature), 5), "prompts": [cfg.pretrain.label_prompt,
+                                                                             cfg.pretrain.negative_prompt]}

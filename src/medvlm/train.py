@@ -46,11 +46,11 @@ from medvlm.errors import ConfigError, DataError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
 from medvlm.model.medvlm import MedVLM
-from medvlm.model.clues import load_zero_shot
 from medvlm.model.discrimination import balanced_pos_weight
 from medvlm.model.retrieval import RetrievalIndex, embed
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
-from medvlm.pretrain import load_pretrained_tail, pretrained_tail_digest
+from medvlm.pretrain import load_pretrained_tail, load_zero_shot, pretrained_tail_digest
+from medvlm.schedule import lr_factor
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
 
 LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
@@ -153,13 +153,6 @@ def training_data_digest(cfg: Config, features: torch.Tensor) -> dict[str, str]:
     tensor.update(features.detach().cpu().contiguous().numpy())  # the buffer itself, no copy
     return {"train_split": hashlib.sha256(split_file.read_bytes()).hexdigest()[:16],
             "features": tensor.hexdigest()[:16]}
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_optimizer(model: MedVLM, cfg: Config) -> torch.optim.Optimizer:

@@ -14,8 +14,8 @@ Probability source, model.clue_source:
   - "zero_shot": no label supervision. The contrastive encoder of the pretrain_vision stage (frozen copy of its
     vision tail + image projection) scores each image against a positive and a negative prompt per label
     ("findings of covid" / "no findings of covid"): p_k = softmax over the pair of cosine / T (CLIP's binary
-    zero-shot classification). Its weights are filled at training time (`load_zero_shot`) and saved with the
-    trained weights, so a trained model runs without the pretrain folder.
+    zero-shot classification). Its weights are filled at training time (medvlm.pretrain.load_zero_shot) and
+    saved with the trained weights, so a trained model runs without the pretrain folder.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ZeroShotClueSource(nn.Module):
 
     def __init__(self, tail: nn.Module, width: int, embed_dim: int, n_labels: int):
         super().__init__()
-        self.tail = copy.deepcopy(tail)  # the architecture; the pre-trained weights come from load_zero_shot
+        self.tail = copy.deepcopy(tail)  # the architecture; pre-trained weights: pretrain.load_zero_shot
         self.image_proj = nn.Linear(width, embed_dim)
         self.register_buffer("positive", torch.zeros(n_labels, embed_dim))
         self.register_buffer("negative", torch.zeros(n_labels, embed_dim))
@@ -73,26 +73,6 @@ class ZeroShotClueSource(nn.Module):
         with torch.no_grad():
             image = F.normalize(self.image_proj(view_tokens(self.tail, trunk_features, concat_views).mean(1)), dim=-1)
             return image @ (self.positive - self.negative).T / self.temperature
-
-
-def load_zero_shot(source: ZeroShotClueSource, cfg, text_encoder=None) -> dict:
-    """Fill `source` from the pretrain_vision stage's aligner and the label prompts; returns a summary."""
-    from medvlm.pretrain import load_aligner, zero_shot_prompt_embeddings
-
-    aligner = load_aligner(cfg)
-    if text_encoder is None:
-        from medvlm.labeler import ReportEncoder
-
-        text_encoder = ReportEncoder(cfg.labeler.max_length, cfg.labeler.batch_size)
-    positive, negative = zero_shot_prompt_embeddings(aligner, text_encoder, cfg.data.label_names, cfg.pretrain)
-    with torch.no_grad():
-        source.tail.load_state_dict(aligner.vision.tail.state_dict())
-        source.image_proj.load_state_dict(aligner.image_proj.state_dict())
-        source.positive.copy_(positive)
-        source.negative.copy_(negative)
-        source.temperature.copy_(aligner.temperature())
-    return {"temperature": round(float(source.temperature), 5), "prompts": [cfg.pretrain.label_prompt,
-                                                                             cfg.pretrain.negative_prompt]}
 
 
 class DiseaseClues(nn.Module):
