@@ -7,11 +7,8 @@ says that something failed. The model is whatever `--model` names (registry alia
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
@@ -20,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medvlm.config import Config
-from medvlm.errors import DataError, ImageDecodeError, MedVLMError
+from medvlm.errors import DataError, MedVLMError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 FORMATS = ("text", "json", "markdown")
@@ -251,23 +248,3 @@ def load_predictor(model_spec: str, cfg: Config, predictor_factory: Callable | N
 
         raise ModelError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
-
-def decode_image_bytes(data: bytes, max_pixels: int | None = None):
-    """Image bytes (REST upload, pyfunc input) -> grayscale PIL image through the one image loader, which sniffs
-    DICOM by content and guards against pixel bombs. It reads paths, hence the temporary file."""
-    from medvlm.data.images import DEFAULT_MAX_PIXELS, load_image
-
-    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        return load_image(tmp.name, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-
-
-def decode_base64_image(text: str, max_pixels: int | None = None):
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ImageDecodeError("image: not valid base64") from None
-    if not data:
-        raise ImageDecodeError("image: empty after base64 decoding")
-    return decode_image_bytes(data, max_pixels)

@@ -14,8 +14,8 @@ from typing import Any, Callable
 import mlflow.pyfunc
 import pandas as pd
 
+from medvlm.data.images import decode_base64_image
 from medvlm.errors import ModelError
-from medvlm.predict import decode_base64_image
 from medvlm.resolve import ARTIFACT_KEY  # noqa: F401 (defined where `--model` resolution reads it without MLflow)
 
 DEFAULT_FACTORY = "medvlm.inference:Predictor.load"

@@ -33,6 +33,7 @@ from medvlm.selection import (  # noqa: F401 (metric_ci ... split_content_hash: 
     split_content_hash,
     test_data_hash,
 )
+from medvlm.tracking import connect, first_line, sqlite_path
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # pip requirements recorded with the pyfunc model (inferring them would load the model in a subprocess)
@@ -40,18 +41,12 @@ RUNTIME_PACKAGES = ("torch", "transformers", "peft", "safetensors", "pillow", "p
 METRIC_TAG = "metric."  # version tag prefix for metric values
 
 
-# ---------------------------------------------------------------- tracking store
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):])
-    return None
-
-
+# ---------------------------------------------------------------- promotion lock
 def lock_path(cfg: Config) -> Path:
     """The promotion lock lives next to the tracking store; for a remote server, in the local cache folder
     (then only flows on this machine are serialised: run promotions from one orchestrator)."""
     uri = cfg.register.tracking_uri
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     if db is not None:
         return db.with_name(db.name + ".lock")
     parsed = urlparse(uri)
@@ -73,51 +68,6 @@ def promotion_lock(cfg: Config):
         raise RegistryError(f"{path}: another registration holds the lock for over {cfg.register.lock_timeout_s} s") from None
 
 
-def connect(cfg: Config, *, create: bool = True):
-    """MlflowClient on register.tracking_uri, checked to answer. RegistryError (one line) when it does not."""
-    uri = cfg.register.tracking_uri
-    if uri.strip().lower() in ("", "none", "off"):
-        raise RegistryError("register.tracking_uri is off: the registry needs a tracking store (default sqlite:///mlruns.db)")
-    db = _sqlite_path(uri)
-    if db is not None:
-        if not create and not db.is_file():
-            raise RegistryError(f"{uri}: no tracking store here yet (run `medvlm register` first)")
-        if not db.parent.is_dir():
-            raise RegistryError(f"{uri}: folder {db.parent} does not exist")
-    elif urlparse(uri).scheme in ("http", "https"):
-        _check_server(uri)
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
-        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        client.search_registered_models(max_results=1)
-    except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{uri}: tracking store unusable ({_first_line(exc)})") from None
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors have no common base MLflow re-exports
-        if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "alembic", "requests", "urllib3"):
-            raise
-        raise RegistryError(f"{uri}: tracking store unusable ({_first_line(exc)})") from None
-    return client
-
-
-def _check_server(uri: str) -> None:
-    import httpx
-
-    try:
-        httpx.get(uri.rstrip("/") + "/health", timeout=5.0).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise RegistryError(f"{uri}: MLflow tracking server unreachable ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
 def _experiment_id(client, cfg: Config) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -125,7 +75,7 @@ def _experiment_id(client, cfg: Config) -> str:
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    db = _sqlite_path(cfg.register.tracking_uri)
+    db = sqlite_path(cfg.register.tracking_uri)
     # artefacts beside the sqlite file, not in whatever folder the process happens to run from
     location = (db.resolve().parent / "mlartifacts").as_uri() if db is not None else None
     try:
@@ -167,7 +117,7 @@ def _gate_view(version, cfg: Config) -> dict | None:
 # ---------------------------------------------------------------- registration and promotion
 def register(cfg: Config, *, predictor_factory: str | None = None) -> dict:
     """Register the best trained strategy as challenger; promote it if it beats the champion. Writes reports/registry.json."""
-    from medvlm.pyfunc_model import DEFAULT_FACTORY
+    from medvlm.pyfunc_model import DEFAULT_FACTORY  # here: it imports mlflow.pyfunc (seconds)
 
     found = candidates(cfg)
     best = pick_best(found)
@@ -248,7 +198,7 @@ def _register_version(client, cfg: Config, best: dict, found: list[dict], factor
             pass  # exists already
         version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, description=card)
     except MlflowException as exc:
-        raise RegistryError(f"{cfg.register.tracking_uri}: registration of {best['strategy']} failed ({_first_line(exc)})") from None
+        raise RegistryError(f"{cfg.register.tracking_uri}: registration of {best['strategy']} failed ({first_line(exc)})") from None
     return version, run.info.run_id, False
 
 

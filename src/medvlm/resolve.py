@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medvlm.config import Config, default_config
 from medvlm.errors import ModelError, RegistryError
+from medvlm.tracking import connect, first_line
 
 DELETED_STAGE = "Deleted_Internal"  # MLflow's stage of a soft-deleted version
 ARTIFACT_KEY = "model_dir"  # the pyfunc artifact holding the model folder (medvlm.pyfunc_model re-exports it)
@@ -52,8 +53,6 @@ def resolve_model(spec: str | Path, cfg: Config | None = None) -> Path:
         found = _version_from_sqlite(cfg, uri)
         if found is not None and (Path(cfg.register.cache_dir) / f"{found[0]}-v{found[1]}" / "MLmodel").is_file():
             return _model_folder(Path(cfg.register.cache_dir) / f"{found[0]}-v{found[1]}", text)
-        from medvlm.registry import connect
-
         client = connect(cfg, create=False)
         version = _version_of(client, uri)
         uri = f"models:/{version.name}/{version.version}"
@@ -121,8 +120,6 @@ def _download(uri: str, target: Path, cfg: Config) -> None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from medvlm.registry import _first_line
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
@@ -132,7 +129,7 @@ def _download(uri: str, target: Path, cfg: Config) -> None:
             return
         staging.rename(target)  # atomic: a half-downloaded model is never visible under its final name
     except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{uri}: download failed ({_first_line(exc)})") from None
+        raise RegistryError(f"{uri}: download failed ({first_line(exc)})") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -211,7 +211,7 @@ def _decode_volume(data: bytes, kind: str, predictor: Any, cfg: Config):
 
 
 def _decode(data: bytes, max_pixels: int):
-    from medvlm.predict import decode_image_bytes
+    from medvlm.data.images import decode_image_bytes
 
     try:
         return decode_image_bytes(data, max_pixels)

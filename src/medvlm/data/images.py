@@ -8,9 +8,12 @@ with that reason instead of crashing halfway through a data set.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 import struct
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,6 +115,25 @@ def load_images_for_study(
     return [
         load_image(resolve_in_root(root, rel), max_pixels=max_pixels, ct_window=ct_window) for rel in rel_paths
     ]
+
+
+def decode_image_bytes(data: bytes, max_pixels: int | None = None):
+    """Image bytes (REST upload, pyfunc input) -> grayscale PIL image through the one image loader, which sniffs
+    DICOM by content and guards against pixel bombs. It reads paths, hence the temporary file."""
+    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        return load_image(tmp.name, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+
+
+def decode_base64_image(text: str, max_pixels: int | None = None):
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageDecodeError("image: not valid base64") from None
+    if not data:
+        raise ImageDecodeError("image: empty after base64 decoding")
+    return decode_image_bytes(data, max_pixels)
 
 
 def resolve_in_root(root: str | Path, rel: str | Path) -> Path:
