@@ -21,6 +21,7 @@ import pandas as pd
 
 from medvlm.config import Config
 from medvlm.errors import DataError, EvaluationError
+from medvlm.eval_units import evaluation_units
 from medvlm.manifest import read_manifest
 from medvlm.metrics import preprocess
 
@@ -65,8 +66,6 @@ def oracle(cfg: Config) -> tuple[list[dict], dict]:
     import warnings
 
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-
-    from medvlm.evaluate import evaluation_units
 
     train, test = _splits(cfg)
     convention = _convention(cfg)

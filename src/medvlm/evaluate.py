@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from medvlm.bootstrap import (
     bleu_family,
@@ -31,6 +30,7 @@ from medvlm.bootstrap import (
 from medvlm.chain_metrics import collapse_metrics, follow_rates, threshold_vector
 from medvlm.config import Config
 from medvlm.errors import EvaluationError
+from medvlm.eval_units import evaluation_units
 from medvlm.labeler import Labeler
 from medvlm.manifest import read_manifest
 from medvlm.metrics import CONVENTIONS, MeteorScorer, clinical_efficacy, coco_scores, medvlm_scores, preprocess
@@ -38,18 +38,6 @@ from medvlm.metrics import CONVENTIONS, MeteorScorer, clinical_efficacy, coco_sc
 log = logging.getLogger(__name__)
 
 BASELINES = ("retrieval", "consensus", "cnn_transformer", "oracle")
-
-
-def evaluation_units(test: pd.DataFrame) -> list[dict]:
-    """Test rows grouped by image: [{"unit_id", "row_ids", "references", "labels"}] in split order."""
-    key = test["image_hash"] if "image_hash" in test.columns else test["study_id"]
-    units: dict[str, dict] = {}
-    for k, row in zip(key, test.to_dict(orient="records")):
-        unit = units.setdefault(str(k), {"unit_id": str(row["study_id"]), "row_ids": [], "references": [],
-                                         "labels": row.get("labels") or {}})
-        unit["row_ids"].append(str(row["study_id"]))
-        unit["references"].append(str(row["report"]))
-    return list(units.values())
 
 
 def check_generations(units: list[dict], generations: list[dict]) -> dict[str, dict]:
