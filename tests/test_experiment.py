@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from medvlm import experiment as ex
+from medvlm import experiment_cells as xc
 from medvlm.config import config_from_dict
 from medvlm.errors import ConfigError, EvaluationError
 
@@ -23,12 +24,12 @@ def _cfg(tmp_path, **experiment):
 
 def test_grid_cells_and_rebased_paths(tmp_path):
     cfg = _cfg(tmp_path)
-    keys = [c.key for c in ex.cells(cfg)]
+    keys = [c.key for c in xc.cells(cfg)]
     # seed-major order: every cell of seed 0 before any of seed 1; ablations only for freeze
     assert keys[:4] == ["freeze/full/seed0", "freeze/no_disc/seed0", "freeze/no_prompt/seed0", "lora/full/seed0"]
     assert len(keys) == 8 and keys[4].endswith("seed1")
-    cell = ex.cells(cfg)[1]
-    ccfg = ex.cell_config(cfg, cell)
+    cell = xc.cells(cfg)[1]
+    ccfg = xc.cell_config(cfg, cell)
     assert ccfg.model.discrimination is False and ccfg.model.prompt_template is True and ccfg.seed == 0
     root = tmp_path / "t"
     assert Path(ccfg.train.out_dir) == root / "cells/freeze/no_disc/seed0/models"
@@ -39,14 +40,14 @@ def test_grid_cells_and_rebased_paths(tmp_path):
 
 def test_factorial_grid_and_bad_settings(tmp_path):
     cfg = _cfg(tmp_path, factorial=True, seeds=[0])
-    assert list(ex.variants(cfg)) == ["full", "no_disc", "no_prompt", "no_disc+no_prompt"]
-    both = ex.cell_config(cfg, [c for c in ex.cells(cfg) if c.variant == "no_disc+no_prompt"][0])
+    assert list(xc.variants(cfg)) == ["full", "no_disc", "no_prompt", "no_disc+no_prompt"]
+    both = xc.cell_config(cfg, [c for c in xc.cells(cfg) if c.variant == "no_disc+no_prompt"][0])
     assert both.model.discrimination is False and both.model.prompt_template is False
     with pytest.raises(ConfigError, match="not in the experiment's strategies"):
-        ex.cells(_cfg(tmp_path, ablation_strategies=["ptuning_v2"]))
+        xc.cells(_cfg(tmp_path, ablation_strategies=["ptuning_v2"]))
     bad = _cfg(tmp_path, ablations={"typo": {"model.discriminaton": False}})
     with pytest.raises(ConfigError, match="unknown setting 'discriminaton'"):
-        ex.cell_config(bad, ex.cells(bad)[1])
+        xc.cell_config(bad, xc.cells(bad)[1])
 
 
 def _fake_result(cider, data_hash="h"):
@@ -119,8 +120,8 @@ def test_run_skips_finished_cells_and_aggregates_seeds(tmp_path, monkeypatch):
 
 def test_a_pretrain_variant_pretrains_in_its_cell_before_training(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, seeds=[0], baselines=[], ablations={"pretrained": {"pretrain.enabled": True}})
-    ex.experiment_root(cfg).mkdir(parents=True)
-    (ex.experiment_root(cfg) / "shared_stages.json").write_text(json.dumps(ex.shared_signature(ex.shared_config(cfg))))
+    xc.experiment_root(cfg).mkdir(parents=True)
+    (xc.experiment_root(cfg) / "shared_stages.json").write_text(json.dumps(ex.shared_signature(xc.shared_config(cfg))))
     calls = []
 
     def fake_pretrain(c):
@@ -151,8 +152,8 @@ def test_a_pretrain_variant_pretrains_in_its_cell_before_training(tmp_path, monk
 
 def test_results_refuse_mixed_test_splits(tmp_path):
     cfg = _cfg(tmp_path, seeds=[0])
-    for cell, data_hash in zip(ex.cells(cfg)[:2], ["a", "b"]):
-        path = ex.cell_metrics_path(cfg, cell)
+    for cell, data_hash in zip(xc.cells(cfg)[:2], ["a", "b"]):
+        path = xc.cell_metrics_path(cfg, cell)
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(_fake_result(1.0, data_hash)))
     with pytest.raises(EvaluationError, match="different test splits"):
@@ -183,11 +184,11 @@ def test_register_best_picks_the_best_full_cell_of_the_first_seed(tmp_path, monk
     import medvlm.registry
 
     cfg = _cfg(tmp_path, register_best=True)
-    for cell in ex.cells(cfg):
+    for cell in xc.cells(cfg):
         cider = {"freeze/full/seed0": 1.2, "lora/full/seed0": 1.4, "freeze/no_disc/seed0": 9.0,
                  "freeze/full/seed1": 5.0}.get(cell.key)
         if cider is not None:
-            path = ex.cell_metrics_path(cfg, cell)
+            path = xc.cell_metrics_path(cfg, cell)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(_fake_result(cider)))
     seen = []

@@ -9,6 +9,7 @@ import pytest
 
 import grid_fakes
 from medvlm import experiment as ex
+from medvlm import experiment_cells as xc
 from medvlm import grid
 from medvlm.config import config_from_dict
 
@@ -23,14 +24,14 @@ def _cfg(tmp_path, name, **experiment):
                        "ablations": {"no_disc": {"model.discrimination": False}}, "ablation_strategies": ["freeze"],
                        **experiment},
     })
-    root = ex.experiment_root(cfg)  # the shared stages count as done: the cells are what is tested here
+    root = xc.experiment_root(cfg)  # the shared stages count as done: the cells are what is tested here
     root.mkdir(parents=True, exist_ok=True)
-    (root / "shared_stages.json").write_text(json.dumps(ex.shared_signature(ex.shared_config(cfg))))
+    (root / "shared_stages.json").write_text(json.dumps(ex.shared_signature(xc.shared_config(cfg))))
     return cfg
 
 
 def _table(cfg) -> tuple[dict, str]:
-    root = ex.experiment_root(cfg)
+    root = xc.experiment_root(cfg)
     results = json.loads((root / "results.json").read_text())
     results.pop("experiment")
     return results, (root / "results.md").read_text().replace(f"`{cfg.experiment.name}`", "`NAME`")
@@ -59,14 +60,14 @@ def test_two_dask_workers_give_the_sequential_table_and_never_rerun_a_cell(tmp_p
         out = ex.run_experiment(par, log=lines.append)
     assert len(out["todo"]) == 6 and any("6 cells on local Dask cluster, 2 workers" in line for line in lines)
     assert _table(par) == _table(seq)
-    pids = {(ex.cell_dir(par, c) / "models" / c.strategy / "trained_by").read_text() for c in ex.cells(par)}
+    pids = {(xc.cell_dir(par, c) / "models" / c.strategy / "trained_by").read_text() for c in xc.cells(par)}
     assert len(pids) == 2 and str(os.getpid()) not in pids  # two worker processes, not this one
 
     # a second run finds nothing to do: no cell runs again, the table is unchanged
-    stamp = {c.key: ex.cell_metrics_path(par, c).stat().st_mtime_ns for c in ex.cells(par)}
+    stamp = {c.key: xc.cell_metrics_path(par, c).stat().st_mtime_ns for c in xc.cells(par)}
     again = ex.run_experiment(par, log=lambda *_: None)
     assert again["todo"] == [] and again["seconds"] == {}
-    assert {c.key: ex.cell_metrics_path(par, c).stat().st_mtime_ns for c in ex.cells(par)} == stamp
+    assert {c.key: xc.cell_metrics_path(par, c).stat().st_mtime_ns for c in xc.cells(par)} == stamp
 
 
 def test_a_locked_cell_is_skipped_and_a_stale_lock_is_taken_over(tmp_path, monkeypatch):
@@ -76,16 +77,16 @@ def test_a_locked_cell_is_skipped_and_a_stale_lock_is_taken_over(tmp_path, monke
     monkeypatch.setattr(medvlm.train, "train", grid_fakes.fake_train)
     monkeypatch.setattr(medvlm.evaluate, "evaluate", grid_fakes.fake_evaluate)
     cfg = _cfg(tmp_path, "locks", seeds=[0], ablations={})
-    first, second = ex.cells(cfg)
+    first, second = xc.cells(cfg)
     lines: list[str] = []
-    with grid.cell_lock(ex.cell_dir(cfg, first)):  # another worker is on `first`
+    with grid.cell_lock(xc.cell_dir(cfg, first)):  # another worker is on `first`
         with pytest.raises(grid.CellLocked, match="locked by"):
             grid.run_cell(cfg, first)
         done = grid.run_cells(cfg, [first, second], log=lines.append)
-    assert not ex.cell_metrics_path(cfg, first).is_file() and ex.cell_metrics_path(cfg, second).is_file()
+    assert not xc.cell_metrics_path(cfg, first).is_file() and xc.cell_metrics_path(cfg, second).is_file()
     assert any("skipped freeze/full/seed0" in line for line in lines) and list(done) == [
         "train lora/full/seed0", "evaluate lora/full/seed0"]
-    assert not (ex.cell_dir(cfg, first) / ".lock").exists()  # released
+    assert not (xc.cell_dir(cfg, first) / ".lock").exists()  # released
 
     # a lock left by a killed process on this host is stale: the cell runs
     dead = os.fork()
@@ -94,7 +95,7 @@ def test_a_locked_cell_is_skipped_and_a_stale_lock_is_taken_over(tmp_path, monke
     os.waitpid(dead, 0)
     import socket
 
-    (ex.cell_dir(cfg, first) / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead}))
+    (xc.cell_dir(cfg, first) / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead}))
     assert "train freeze/full/seed0" in grid.run_cell(cfg, first)
     assert grid.run_cell(cfg, first) == {}  # finished: never run again
 

@@ -77,12 +77,12 @@ def test_retrain_writes_every_output_under_its_workdir(tmp_path):
 
 def test_experiment_cells_and_out_root_option_rebase_every_output(tmp_path):
     from medvlm import cli
-    from medvlm import experiment as ex
+    from medvlm import experiment_cells as xc
 
     cfg = config_from_dict({"experiment": {"name": "t", "out_root": str(tmp_path)}})
-    cell = ex.cells(cfg)[0]
-    ccfg, shared = ex.cell_config(cfg, cell), ex.shared_config(cfg)
-    assert all(_under(_get(ccfg, k), ex.cell_dir(cfg, cell)) for k in RUN_OUTPUTS)
+    cell = xc.cells(cfg)[0]
+    ccfg, shared = xc.cell_config(cfg, cell), xc.shared_config(cfg)
+    assert all(_under(_get(ccfg, k), xc.cell_dir(cfg, cell)) for k in RUN_OUTPUTS)
     assert all(_get(ccfg, k) == _get(shared, k) and _under(_get(shared, k), tmp_path / "t") for k in DATA_OUTPUTS)
     assert all(_under(_get(shared, k), tmp_path / "t") for k in OUTPUT_PATHS)
 

@@ -18,54 +18,23 @@ finishes before the second starts, so a partial run is still a complete table.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from medvlm.config import Config, config_from_dict
+from medvlm.config import Config
 from medvlm.errors import ConfigError, EvaluationError
-from medvlm.paths import DATA_OUTPUTS, RUN_OUTPUTS, rebase_outputs, without_outputs
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One training run of the grid."""
-
-    strategy: str
-    variant: str  # "full" or ablation names joined by "+"
-    seed: int
-    overrides: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-    @property
-    def key(self) -> str:
-        return f"{self.strategy}/{self.variant}/seed{self.seed}"
-
-
-def experiment_root(cfg: Config) -> Path:
-    return Path(cfg.experiment.out_root) / cfg.experiment.name
-
-
-def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
-    raw = cfg.model_dump(mode="json", by_alias=True)
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"experiment override {dotted!r}: no settings section {part!r}")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"experiment override {dotted!r}: unknown setting {leaf!r}")
-        node[leaf] = value
-    return config_from_dict(raw)
-
-
-def shared_config(cfg: Config) -> Config:
-    """The profile with every output under the experiment root (the cells then move their own outputs again)."""
-    return rebase_outputs(cfg, experiment_root(cfg))
+from medvlm.experiment_cells import (
+    baseline_config,
+    cell_config,
+    cell_metrics_path,
+    cells,
+    experiment_root,
+    shared_config,
+    with_settings,
+)
+from medvlm.grid import run_cells
+from medvlm.paths import DATA_OUTPUTS, without_outputs
 
 
 def shared_signature(shared: Config) -> dict:
@@ -83,57 +52,6 @@ def _restricted(new, old):
     return new
 
 
-def baseline_config(cfg: Config) -> Config:
-    return rebase_outputs(shared_config(cfg), experiment_root(cfg) / "baselines", ["evaluate.out_dir"])
-
-
-def variants(cfg: Config) -> dict[str, dict[str, Any]]:
-    """Variant name -> settings. `full` is the profile itself; ablations are flipped one at a time, or in every
-    combination when experiment.factorial is true."""
-    abl = cfg.experiment.ablations
-    out: dict[str, dict[str, Any]] = {"full": {}}
-    names = sorted(abl)
-    sizes = range(1, len(names) + 1) if cfg.experiment.factorial else [1]
-    for size in sizes:
-        for combo in itertools.combinations(names, size):
-            merged: dict[str, Any] = {}
-            for name in combo:
-                merged.update(abl[name])
-            out["+".join(combo)] = merged
-    return out
-
-
-def cells(cfg: Config) -> list[Cell]:
-    ex = cfg.experiment
-    strategies = ex.strategies or list(cfg.train.strategies)
-    ablated = set(ex.ablation_strategies or strategies)
-    unknown = ablated - set(strategies)
-    if unknown:
-        raise ConfigError(f"experiment.ablation_strategies {sorted(unknown)} are not in the experiment's strategies {strategies}")
-    grid = []
-    for seed in ex.seeds:
-        for strategy in strategies:
-            for name, overrides in variants(cfg).items():
-                if name == "full" or strategy in ablated:
-                    grid.append(Cell(strategy, name, seed, overrides))
-    return grid
-
-
-def cell_dir(cfg: Config, cell: Cell) -> Path:
-    return experiment_root(cfg) / "cells" / cell.strategy / cell.variant / f"seed{cell.seed}"
-
-
-def cell_config(cfg: Config, cell: Cell) -> Config:
-    """The cell's settings: the data outputs of the experiment root, its own run outputs (models, checkpoints,
-    reports) under its folder."""
-    varied = _with(shared_config(cfg), {**cell.overrides, "seed": cell.seed})
-    return rebase_outputs(varied, cell_dir(cfg, cell), RUN_OUTPUTS)
-
-
-def cell_metrics_path(cfg: Config, cell: Cell) -> Path:
-    return cell_dir(cfg, cell) / "reports" / "metrics" / f"{cell.strategy}.json"
-
-
 def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool = False, log=print) -> dict:
     """Run every missing cell of the grid (and the shared stages first); returns what ran and the table's path.
 
@@ -143,7 +61,6 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     from medvlm.data.validate import run_validation
     from medvlm.evaluate import evaluate
     from medvlm.features import extract_features
-    from medvlm.grid import run_cells
     from medvlm.labeler import train_labeler
 
     grid = [c for c in cells(cfg) if not only or any(c.key.startswith(p) for p in only)]
@@ -201,7 +118,7 @@ def register_best(cfg: Config) -> dict | None:
         return None
     primary = cfg.register.primary_metric
     best = max(full, key=lambda c: (_read(cell_metrics_path(cfg, c))["metrics"].get(primary) or {}).get("value") or 0.0)
-    ccfg = _with(cell_config(cfg, best), {"train.strategies": [best.strategy]})
+    ccfg = with_settings(cell_config(cfg, best), {"train.strategies": [best.strategy]})
     return register(ccfg)
 
 

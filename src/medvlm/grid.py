@@ -29,7 +29,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from medvlm.config import Config
+from medvlm.config import Config, config_from_dict
+from medvlm.experiment_cells import Cell, cell_config, cell_dir, cell_metrics_path
 
 # Local cluster shape (experiment.workers processes): one thread per worker, since a cell already uses every core
 # torch gives it; tests add a preload module here.
@@ -88,7 +89,6 @@ def run_cell(cfg: Config, cell) -> dict[str, float]:
 
     A finished cell (its metrics file exists) returns {} without running anything."""
     from medvlm.evaluate import evaluate
-    from medvlm.experiment import cell_config, cell_dir, cell_metrics_path
     from medvlm.pretrain import pretrain_vision
     from medvlm.train import train
 
@@ -134,9 +134,6 @@ def run_cells(cfg: Config, todo: list, log=print) -> dict[str, float]:
 def _cell_task(raw_cfg: dict, raw_cell: dict) -> dict:
     """The Prefect task body: run_cell on a Dask worker; a locked cell is reported, not failed. Settings and cell
     travel as plain JSON-like dicts (what Prefect walks and records as task inputs)."""
-    from medvlm.config import config_from_dict
-    from medvlm.experiment import Cell
-
     cfg, cell = config_from_dict(raw_cfg), Cell(**raw_cell)
     try:
         return {"timings": run_cell(cfg, cell), "worker_pid": os.getpid(), "host": socket.gethostname()}
