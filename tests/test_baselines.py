@@ -14,7 +14,7 @@ NAMES = ["pneumonia", "ground_glass", "consolidation", "crazy_paving", "nodule",
 
 @pytest.fixture(scope="module")
 def phantom_cfg(tmp_path_factory):
-    from medvlm.data.phantom import synthesize
+    from medvlm.data.synthesize import synthesize
 
     root = tmp_path_factory.mktemp("baselines")
     cfg = config_from_dict({

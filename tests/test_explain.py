@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 from tiny_medvlm import REPORTS, tiny_config
 
 from lifecycle_fakes import FakePredictor, make_model_dir
-from medvlm.data.phantom import finding_regions, label_regions, labels_for, render_slice
+from medvlm.data.phantom import finding_regions, label_regions, render_slice
+from medvlm.data.phantom_study import labels_for
 from medvlm.errors import ModelError
 from medvlm.explain import cam_grids, explain_images, phantom_hit_rates, region_score, top_label_grids
 from medvlm.features import feature_signature, trunk_features

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from medvlm.config import config_from_dict
-from medvlm.data.phantom import LABELS, labels_for, sample_study
 from medvlm.data.phantom_report import write_report
+from medvlm.data.phantom_study import LABELS, labels_for, sample_study
 from medvlm.errors import DataError, ModelError
 from medvlm.labeler import Labeler, train_labeler
 

@@ -10,8 +10,10 @@ from PIL import Image
 from scipy import ndimage
 
 from medvlm.config import config_from_dict
-from medvlm.data.phantom import INFECTION_TYPES, Scanner, render_slice, synthesize
+from medvlm.data.phantom import render_slice
 from medvlm.data.phantom_report import IMPRESSION_MARK, KEYWORDS
+from medvlm.data.phantom_study import INFECTION_TYPES, Scanner
+from medvlm.data.synthesize import synthesize
 from medvlm.errors import ConfigError
 
 LABELS = ["pneumonia", "ground_glass", "consolidation", "crazy_paving", "nodule", "effusion", "fibrosis"]

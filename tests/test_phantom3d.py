@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("monai")
 
 from medvlm.config import config_from_dict  # noqa: E402
-from medvlm.data.phantom3d import finding_slices, render_volume, synthesize_volumes, zone_of_slice  # noqa: E402
+from medvlm.data.phantom3d import finding_slices, render_volume, zone_of_slice  # noqa: E402
+from medvlm.data.synthesize import synthesize_volumes  # noqa: E402
 from medvlm.data.volumes import load_volume  # noqa: E402
 
 

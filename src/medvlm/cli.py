@@ -77,7 +77,7 @@ def _print_summary(summary) -> None:
 @user_errors
 def synthesize() -> None:
     """Write the embedded phantom CT data set (and the shifted incoming batch)."""
-    from medvlm.data.phantom import synthesize as run
+    from medvlm.data.synthesize import synthesize as run
 
     _print_summary(run(_config()))
 

@@ -15,27 +15,14 @@ its image completely (tests re-render rows and compare bytes).
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from medvlm.config import Config
-from medvlm.data.phantom_report import write_report
-from medvlm.errors import ConfigError
+from medvlm.data.phantom_study import FINDING_TYPES, INFECTION_TYPES, Scanner, labels_for
 
-FINDING_TYPES = ("ground_glass", "consolidation", "crazy_paving", "nodule", "effusion", "fibrosis")
-INFECTION_TYPES = ("ground_glass", "consolidation", "crazy_paving")  # pneumonia = any of these
-LABELS = ("pneumonia",) + FINDING_TYPES
-SIDES, ZONES = ("right", "left", "bilateral"), ("upper", "middle", "lower")
-DISTRIBUTIONS, EXTENTS = ("peripheral", "subpleural", "central"), ("small", "patchy", "extensive")
-EFFUSION_DISTRIBUTION = "dependent"  # effusions always lie posteriorly (supine patient)
 _SIDE_SIGN = {"right": -1.0, "left": 1.0}  # image x of the patient's side (radiological convention)
 
 # Lung-window palette (uint8 grey levels).
@@ -44,15 +31,7 @@ VESSEL, GGO, CRAZY_HAZE, CRAZY_GRID, CONSOLIDATION, BRONCHOGRAM = 172.0, 118.0, 
 NODULE, FIBROUS, EFFUSION = 218.0, 185.0, 185.0
 NOISE_STD = 4.0  # grey levels of scanner noise before the scanner's noise scale
 MIN_REGION_DIFF = 8  # grey levels: a pixel belongs to a finding's drawn region when drawing it changes it by more
-PNG_COMPRESS_LEVEL = 3  # zlib level: ~4x faster than Pillow's default 6 for ~10% larger files
 
-# Sampling of abnormal studies: how many findings, which types, sides, extents; distributions per type.
-_N_FINDINGS_P = (0.55, 0.32, 0.13)
-_TYPE_P = dict(ground_glass=0.26, consolidation=0.16, crazy_paving=0.12, nodule=0.18, effusion=0.12, fibrosis=0.16)
-_SIDE_P, _EXTENT_P = (0.35, 0.30, 0.35), (0.35, 0.40, 0.25)
-_DISTRIBUTION_P = dict(ground_glass=(0.35, 0.45, 0.20), consolidation=(0.40, 0.35, 0.25),
-                       crazy_paving=(0.40, 0.40, 0.20),
-                       nodule=(0.34, 0.33, 0.33), fibrosis=(0.35, 0.50, 0.15))
 # Lesion blobs per lung side by extent: (count low, count high, radius low, radius high) in half-image units.
 _BLOBS = dict(small=(1, 1, 0.06, 0.08), patchy=(2, 4, 0.08, 0.12), extensive=(5, 8, 0.13, 0.20))
 _NODULES = dict(small=(1, 1), patchy=(2, 3), extensive=(4, 7))
@@ -69,14 +48,6 @@ _LEVELS = {
                   trachea=False, liver=(-0.30, -0.10, 0.29, 0.34), stomach=(0.30, -0.34, 0.12, 0.08),
                   scapula=False, aorta=(0.11, 0.26, 0.065)),
 }
-
-
-@dataclass(frozen=True)
-class Scanner:
-    """Acquisition differences between batches: brightness shift (share of 255) and noise multiplier."""
-
-    intensity_shift: float = 0.0
-    noise_scale: float = 1.0
 
 
 @lru_cache(maxsize=4)
@@ -446,84 +417,3 @@ def label_regions(level: str, findings: list[dict], size: int, seed: list[int], 
         types = INFECTION_TYPES if name == "pneumonia" else (name,)
         out[name] = np.any([m for f, m in zip(findings, masks) if f["type"] in types], axis=0)
     return out
-
-
-def sample_study(rng: np.random.Generator, normal: bool) -> tuple[str, list[dict]]:
-    """Slice level and structured findings of one study (zone = level for every finding)."""
-    level = ZONES[int(rng.integers(3))]
-    if normal:
-        return level, []
-    types = [t for t in FINDING_TYPES if not (t == "effusion" and level == "upper")]  # effusions are basal/dependent
-    p = np.array([_TYPE_P[t] for t in types])
-    n = int(rng.choice(3, p=_N_FINDINGS_P)) + 1
-    chosen = rng.choice(types, size=n, replace=False, p=p / p.sum())
-    findings = []
-    for t in sorted(chosen, key=FINDING_TYPES.index):
-        dist = EFFUSION_DISTRIBUTION if t == "effusion" else DISTRIBUTIONS[int(rng.choice(3, p=_DISTRIBUTION_P[t]))]
-        findings.append(dict(type=str(t), side=SIDES[int(rng.choice(3, p=_SIDE_P))], zone=level,
-                             distribution=dist, extent=EXTENTS[int(rng.choice(3, p=_EXTENT_P))]))
-    return level, findings
-
-
-def labels_for(findings: list[dict], label_names: list[str]) -> dict[str, int]:
-    present = {f["type"] for f in findings}
-    full = {name: int(name in present) for name in FINDING_TYPES}
-    full["pneumonia"] = int(bool(present & set(INFECTION_TYPES)))
-    return {name: full[name] for name in label_names}
-
-
-def _write_batch(out_dir: Path, prefix: str, n: int, normal_fraction: float, stream: int, scanner: Scanner,
-                 cfg: Config) -> dict:
-    s = cfg.synthesize
-    images = out_dir / "images"
-    if images.exists():
-        shutil.rmtree(images)  # idempotent: no stale images from a larger earlier run
-    images.mkdir(parents=True)
-    normal = set(np.random.default_rng([s.seed, stream]).permutation(n)[: int(round(n * normal_fraction))].tolist())
-    counts = dict.fromkeys(cfg.data.label_names, 0)
-    rows = []
-    for i in range(n):
-        level, findings = sample_study(np.random.default_rng([s.seed, stream, i, 0]), i in normal)
-        seed = [s.seed, stream, i, 1]
-        pixels = render_slice(level, findings, s.image_size, seed, scanner)
-        name = f"{prefix}_{i:05d}"
-        Image.fromarray(pixels).save(images / f"{name}.png", compress_level=PNG_COMPRESS_LEVEL)
-        labels = labels_for(findings, cfg.data.label_names)
-        for k, v in labels.items():
-            counts[k] += v
-        rows.append(dict(study_id=name, image=f"images/{name}.png", images=[f"images/{name}.png"],
-                         report=write_report(findings, np.random.default_rng([s.seed, stream, i, 2])),
-                         labels=labels, findings=findings, slice_level=level, render_seed=seed,
-                         group=name, source_row=i))
-    tmp = out_dir / "annotation.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out_dir / "annotation.jsonl")
-    return dict(dir=str(out_dir), manifest=str(out_dir / "annotation.jsonl"), n=n,
-                normal=len(normal), label_counts=counts)
-
-
-def synthesize(cfg: Config) -> dict:
-    """Write the phantom training set (synthesize.out_dir) and the shifted incoming batch (synthesize.incoming_dir).
-
-    Each folder gets images/<prefix>_NNNNN.png and annotation.jsonl (generic JSONL manifest), one row per study:
-    study_id, image, images, report, labels (keys = data.label_names), findings [{type, side, zone, distribution,
-    extent}], slice_level, render_seed (render_slice(slice_level, findings, size, render_seed, scanner) redraws the
-    image), group (= study_id), source_row. Returns counts per label and the paths."""
-    if cfg.synthesize.volumes:  # 3-D phantom chests (synthesize.volumes)
-        from medvlm.data.phantom3d import synthesize_volumes
-
-        return synthesize_volumes(cfg)
-    return synthesize_batches(cfg, _write_batch, "phantom", "incoming")
-
-
-def synthesize_batches(cfg: Config, write_batch, train_prefix: str, incoming_prefix: str) -> dict:
-    """The training set and the shifted incoming batch, written by `write_batch` (2-D slices or 3-D volumes)."""
-    unknown = [name for name in cfg.data.label_names if name not in LABELS]
-    if unknown:
-        raise ConfigError(f"data.label_names: the phantom cannot draw {unknown}; it knows {list(LABELS)}")
-    s = cfg.synthesize
-    start = time.perf_counter()
-    train = write_batch(Path(s.out_dir), train_prefix, s.n_images, s.normal_fraction, 0, Scanner(), cfg)
-    incoming = write_batch(Path(s.incoming_dir), incoming_prefix, s.n_incoming, s.incoming_normal_fraction, 1,
-                           Scanner(s.incoming_intensity_shift, s.incoming_noise_scale), cfg)
-    return dict(train=train, incoming=incoming, seconds=round(time.perf_counter() - start, 2))

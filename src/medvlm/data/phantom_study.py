@@ -1,0 +1,77 @@
+"""What a phantom study holds, before anything is drawn: its findings, their labels, the scanner of its batch.
+
+Shared by the 2-D slices (medvlm.data.phantom) and the 3-D chests (medvlm.data.phantom3d): the finding vocabulary,
+how abnormal studies are sampled (how many findings, which types, sides, extents; distributions per type), the
+labels a study's findings imply (pneumonia = any infection pattern), and the scanner differences between batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FINDING_TYPES = ("ground_glass", "consolidation", "crazy_paving", "nodule", "effusion", "fibrosis")
+INFECTION_TYPES = ("ground_glass", "consolidation", "crazy_paving")  # pneumonia = any of these
+LABELS = ("pneumonia",) + FINDING_TYPES
+SIDES, ZONES = ("right", "left", "bilateral"), ("upper", "middle", "lower")
+DISTRIBUTIONS, EXTENTS = ("peripheral", "subpleural", "central"), ("small", "patchy", "extensive")
+EFFUSION_DISTRIBUTION = "dependent"  # effusions always lie posteriorly (supine patient)
+
+# Sampling of abnormal studies: how many findings, which types, sides, extents; distributions per type.
+_N_FINDINGS_P = (0.55, 0.32, 0.13)
+_TYPE_P = dict(ground_glass=0.26, consolidation=0.16, crazy_paving=0.12, nodule=0.18, effusion=0.12, fibrosis=0.16)
+_SIDE_P, _EXTENT_P = (0.35, 0.30, 0.35), (0.35, 0.40, 0.25)
+_DISTRIBUTION_P = dict(ground_glass=(0.35, 0.45, 0.20), consolidation=(0.40, 0.35, 0.25),
+                       crazy_paving=(0.40, 0.40, 0.20),
+                       nodule=(0.34, 0.33, 0.33), fibrosis=(0.35, 0.50, 0.15))
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """Acquisition differences between batches: brightness shift (share of 255) and noise multiplier."""
+
+    intensity_shift: float = 0.0
+    noise_scale: float = 1.0
+
+
+def sample_study(rng: np.random.Generator, normal: bool) -> tuple[str, list[dict]]:
+    """Slice level and structured findings of one study (zone = level for every finding)."""
+    level = ZONES[int(rng.integers(3))]
+    if normal:
+        return level, []
+    types = [t for t in FINDING_TYPES if not (t == "effusion" and level == "upper")]  # effusions are basal/dependent
+    p = np.array([_TYPE_P[t] for t in types])
+    n = int(rng.choice(3, p=_N_FINDINGS_P)) + 1
+    chosen = rng.choice(types, size=n, replace=False, p=p / p.sum())
+    findings = []
+    for t in sorted(chosen, key=FINDING_TYPES.index):
+        dist = EFFUSION_DISTRIBUTION if t == "effusion" else DISTRIBUTIONS[int(rng.choice(3, p=_DISTRIBUTION_P[t]))]
+        findings.append(dict(type=str(t), side=SIDES[int(rng.choice(3, p=_SIDE_P))], zone=level,
+                             distribution=dist, extent=EXTENTS[int(rng.choice(3, p=_EXTENT_P))]))
+    return level, findings
+
+
+def labels_for(findings: list[dict], label_names: list[str]) -> dict[str, int]:
+    present = {f["type"] for f in findings}
+    full = {name: int(name in present) for name in FINDING_TYPES}
+    full["pneumonia"] = int(bool(present & set(INFECTION_TYPES)))
+    return {name: full[name] for name in label_names}
+
+
+def sample_volume_study(rng: np.random.Generator, normal: bool) -> list[dict]:
+    """Structured findings of one 3-D study; each finding has its own zone (effusions are basal)."""
+    if normal:
+        return []
+    p = np.array([_TYPE_P[t] for t in FINDING_TYPES])
+    n = int(rng.choice(3, p=_N_FINDINGS_P)) + 1
+    chosen = rng.choice(FINDING_TYPES, size=n, replace=False, p=p / p.sum())
+    findings = []
+    for t in sorted(chosen, key=FINDING_TYPES.index):
+        if t == "effusion":
+            zone, dist = "lower", EFFUSION_DISTRIBUTION
+        else:
+            zone, dist = ZONES[int(rng.integers(3))], DISTRIBUTIONS[int(rng.choice(3, p=_DISTRIBUTION_P[t]))]
+        findings.append(dict(type=str(t), side=SIDES[int(rng.choice(3, p=_SIDE_P))], zone=zone,
+                             distribution=dist, extent=EXTENTS[int(rng.choice(3, p=_EXTENT_P))]))
+    return findings
