@@ -21,6 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from medvlm.errors import ConfigError
 
+# The 14 CheXpert observations: the label names data.report_labeler chexpert can read (medvlm.data.report_labels).
+CHEXPERT_LABELS = [
+    "no_finding", "enlarged_cardiomediastinum", "cardiomegaly", "lung_opacity", "lung_lesion", "edema",
+    "consolidation", "pneumonia", "atelectasis", "pneumothorax", "pleural_effusion", "pleural_other", "fracture",
+    "support_devices",
+]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -64,8 +71,6 @@ class DataConfig(_Section):
         if not self.label_names:
             raise ValueError("data.label_names must name at least one label")
         if self.report_labeler == "chexpert":
-            from medvlm.data.report_labels import CHEXPERT_LABELS
-
             unknown = [n for n in self.label_names if n not in CHEXPERT_LABELS]
             if unknown:
                 raise ValueError(f"data.report_labeler chexpert knows {CHEXPERT_LABELS}, not {unknown}")

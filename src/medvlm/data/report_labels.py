@@ -24,11 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-CHEXPERT_LABELS = [
-    "no_finding", "enlarged_cardiomediastinum", "cardiomegaly", "lung_opacity", "lung_lesion", "edema",
-    "consolidation", "pneumonia", "atelectasis", "pneumothorax", "pleural_effusion", "pleural_other", "fracture",
-    "support_devices",
-]
+from medvlm.config import CHEXPERT_LABELS  # noqa: F401 (the label names chexpert reads; defined with the settings)
 
 # Mention patterns (regex over lower-cased text). Chosen from the CheXpert mention lists and IU X-ray phrasing;
 # "heart size is normal" or "cardiomediastinal silhouette within normal limits" name no finding and match nothing.
