@@ -1,0 +1,169 @@
+"""Import layers of src/medvlm, read with `ast` (nothing is imported).
+
+Every `import` / `from ... import` counts, at module level and inside functions alike: a function-local import
+still ties the two modules together (it only defers the cost). Relative imports are resolved. An import of
+`medvlm.x.y` is an edge to module medvlm.x.y when that module exists, else to the package it names; `from
+medvlm.x import y` is an edge to medvlm.x.y when y is a submodule, else to medvlm.x.
+
+Checked: (a) the graph of medvlm-internal imports has no cycle; (b) medvlm.model.* imports nothing of medvlm
+outside medvlm.model except medvlm.errors and medvlm.config; (c) the core modules import only one another.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = "medvlm"
+
+# medvlm.config stays allowed below medvlm.model: the model builders take the typed settings
+# (ModelConfig, Config) that config.py defines, and config.py itself sits on errors only.
+MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config"}
+# The bottom layer: settings, errors, paths and the manifest format. They may use one another, nothing else.
+CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.paths", "medvlm.env"}
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module and package under src/medvlm."""
+    found = {}
+    for path in sorted((SRC / PACKAGE).rglob("*.py")):
+        parts = list(path.relative_to(SRC).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The deepest existing medvlm module `name` refers to (medvlm.x.y -> medvlm.x.y, else medvlm.x, ...)."""
+    parts = name.split(".")
+    while parts:
+        candidate = ".".join(parts)
+        if candidate in modules:
+            return candidate
+        parts.pop()
+    return None
+
+
+def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """medvlm modules that `module` imports anywhere in its file."""
+    is_package = path.name == "__init__.py"
+    package_parts = module.split(".") if is_package else module.split(".")[:-1]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
+                    targets.add(_resolve(alias.name, modules))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package_parts[: len(package_parts) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            if origin != PACKAGE and not origin.startswith(PACKAGE + "."):
+                continue
+            for alias in node.names:
+                # `from medvlm.model import vision` names a submodule; `from medvlm.model import X` a package member
+                targets.add(_resolve(f"{origin}.{alias.name}", modules))
+    targets.discard(None)
+    targets.discard(module)
+    return targets
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each as a sorted list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    counter = 0
+
+    def visit(node: str) -> None:
+        nonlocal counter
+        index[node] = low[node] = counter
+        counter += 1
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def _a_cycle(component: list[str], graph: dict[str, set[str]]) -> list[str]:
+    """One concrete loop through the component, start -> ... -> start, for the failure message."""
+    members = set(component)
+    start = component[0]
+    path = [start]
+    seen = {start}
+    while True:
+        nexts = sorted(graph[path[-1]] & members)
+        if start in nexts and len(path) > 1:
+            return path + [start]
+        step = next((n for n in nexts if n not in seen), None)
+        if step is None:  # dead end inside the component: fall back to listing it
+            return component
+        path.append(step)
+        seen.add(step)
+
+
+def test_the_graph_sees_the_modules():
+    graph = _graph()
+    assert "medvlm.cli" in graph and "medvlm.model.medvlm" in graph
+    assert "medvlm.config" in graph["medvlm.paths"]  # a module-level import is seen
+    assert graph["medvlm.cli"], "cli imports medvlm modules inside its commands; none were found"
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles in src/medvlm:\n" + "\n".join(
+        f"  {' -> '.join(_a_cycle(c, graph))}   (modules: {', '.join(c)})" for c in cycles
+    )
+
+
+def test_model_depends_only_on_model_errors_config():
+    graph = _graph()
+    bad = {
+        module: sorted(t for t in targets if not t.startswith("medvlm.model") and t not in MODEL_MAY_IMPORT)
+        for module, targets in graph.items()
+        if module == "medvlm.model" or module.startswith("medvlm.model.")
+    }
+    bad = {module: targets for module, targets in bad.items() if targets}
+    assert not bad, "medvlm.model imports from above it: " + "; ".join(
+        f"{module} -> {', '.join(targets)}" for module, targets in sorted(bad.items())
+    )
+
+
+def test_core_modules_import_only_core():
+    graph = _graph()
+    bad = {module: sorted(graph[module] - CORE) for module in CORE if module in graph}
+    bad = {module: targets for module, targets in bad.items() if targets}
+    assert not bad, "core modules import from above them: " + "; ".join(
+        f"{module} -> {', '.join(targets)}" for module, targets in sorted(bad.items())
+    )
