@@ -42,15 +42,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from medvlm.config import load_config  # noqa: E402
 from medvlm.model.medvlm import MedVLM  # noqa: E402
 from medvlm.train import build_optimizer  # noqa: E402
+from train_bench import REPORT  # noqa: E402  (the CPU benchmark's report: same sequence length on both)
 
-REPORT = ("The thorax is symmetrical and the mediastinum is centred, with no enlarged mediastinal lymph nodes. "
-          "Patchy ground-glass opacities are seen in the periphery of the right lower lobe. The lobar and segmental "
-          "bronchi are patent. No abnormal density is seen in either pleural cavity. Impression: The findings "
-          "suggest viral pneumonia of the right lung.")  # ~90 tokens: the phantom mean
 
 # Dense bf16 tensor-core peak, FLOP/s (data sheets; first matching name wins, so specific names come first).
 PEAK_BF16 = [
