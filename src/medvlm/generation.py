@@ -127,12 +127,15 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
 
 
 def generate_reports(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig,
-                     batch_size: int | None = None) -> tuple[list[str], torch.Tensor | None]:
-    """Reports (decoded text) and label probabilities for cached trunk features, in batches."""
+                     batch_size: int | None = None, contexts: list[str] | None = None
+                     ) -> tuple[list[str], torch.Tensor | None]:
+    """Reports (decoded text) and label probabilities for cached trunk features, in batches. `contexts`: the
+    similar-case text per sample when the caller already searched the retrieval index (None = generate_ids does)."""
     size = batch_size or gen.batch_size
     texts, probs = [], []
     for start in range(0, len(trunk_features), size):
-        ids, p = generate_ids(model, trunk_features[start : start + size], gen)
+        ids, p = generate_ids(model, trunk_features[start : start + size], gen,
+                              contexts=contexts[start : start + size] if contexts is not None else None)
         texts.extend(model.layout.decode(x) for x in ids)
         if p is not None:
             probs.append(p)

@@ -78,8 +78,8 @@ class Predictor:
     def predict_features(self, features: torch.Tensor, batch_size: int | None = None) -> list[dict]:
         """Reports for cached trunk features (N, *trunk shape) from the features stage."""
         features = features.to(self.device)
-        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size)
-        _, similar = self.model.retrieval_contexts(features)
+        contexts, similar = self.model.retrieval_contexts(features)  # one index search: the prompts and the listing
+        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size, contexts)
         return self._rows(reports, probs, similar)
 
     def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
