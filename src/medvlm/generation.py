@@ -12,7 +12,6 @@ hypotheses, and the best hypothesis maximises sum(log p) / length.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from medvlm.config import GenerateConfig
 from medvlm.model.medvlm import MedVLM
@@ -62,7 +61,7 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
     # (B*K, ...): beams of a sample are adjacent and share its prompt length, so beam reordering keeps `lengths`
     embeds, prompt_mask, lengths = (x.repeat_interleave(beams, dim=0) for x in (embeds, prompt_mask, lengths))
     rows = embeds.shape[0]
-    cache = model.prefix_cache(rows, embeds.dtype) or DynamicCache()
+    cache = model.new_cache(rows, embeds.dtype)
     mask = torch.cat([prompt_mask.new_ones(rows, model.prefix_length()), prompt_mask], dim=1)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     hidden = model.run_decoder(embeds, mask, positions, cache)

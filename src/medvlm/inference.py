@@ -29,8 +29,12 @@ class Predictor:
         self.strategy = meta["strategy"]
 
     @classmethod
-    def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None) -> "Predictor":
+    def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None,
+             runtime: bool = True) -> "Predictor":
         """Rebuild from <model_dir>/{model_config.json, trainable.safetensors}.
+
+        runtime (default): the plain-torch inference twins of the LM and Q-Former (model/runtime.py), which load in a
+        fraction of the time because transformers is never imported; False: the training modules.
 
         The architecture always comes from the snapshot; `cfg` (when given) supplies the decoding settings
         (cfg.generate) and feature batch size, so evaluation can vary beams without retraining.
@@ -49,7 +53,7 @@ class Predictor:
             trained = trained.model_copy(update={"generate": cfg.generate, "features": trained.features.model_copy(
                 update={"batch_size": cfg.features.batch_size})})
         torch.manual_seed(trained.seed)  # untrained buffers/params are overwritten; seed keeps init cheap and fixed
-        model = MedVLM(trained, meta["strategy"])
+        model = MedVLM(trained, meta["strategy"], runtime=runtime)
         model.load_trainable_state_dict(load_file(weights))
         model.set_output_vocab(meta.get("output_vocab"))
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,7 +17,7 @@ from medvlm.config import Config
 from medvlm.errors import ModelError
 from medvlm.model.clues import DiseaseClues
 from medvlm.model.discrimination import DiscriminationModule, discrimination_loss
-from medvlm.model.lm import load_lm
+from medvlm.model.lm import load_lm, load_runtime_lm
 from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
 from medvlm.model.strategies import apply_strategy, check_strategy
@@ -25,11 +25,19 @@ from medvlm.model.vision import VisionEncoder, build_vision, view_tokens
 
 
 class MedVLM(nn.Module):
-    def __init__(self, cfg: Config, strategy: str, vision: VisionEncoder | None = None, lm=None, tokenizer=None):
+    def __init__(self, cfg: Config, strategy: str, vision: VisionEncoder | None = None, lm=None, tokenizer=None,
+                 runtime: bool = False):
+        """runtime=True (inference): the LM, Q-Former, adapters and tokenizer are model/runtime.py's plain-torch
+        twins when the LM allows it (a local Llama-family folder), so nothing imports transformers; same weights."""
         super().__init__()
         check_strategy(cfg, strategy)
         self.cfg, self.strategy = cfg, strategy
         self.vision = vision if vision is not None else build_vision(cfg)
+        self.runtime = False
+        if lm is None and runtime:
+            loaded = load_runtime_lm(cfg.model)
+            if loaded is not None:
+                (lm, tokenizer), self.runtime = loaded, True
         if lm is None:
             lm, tokenizer = load_lm(cfg.model)
         self.lm, self.tokenizer = lm, tokenizer
@@ -46,11 +54,11 @@ class MedVLM(nn.Module):
                       if cfg.model.clues else None)
         # whether the label logits are trained (DEM or the clue module's classifier) rather than zero-shot
         self.supervised_logits = self.dem is not None or (self.clues is not None and self.clues.classifier is not None)
-        self.bridge = QFormerBridge(cfg.model, width, lm_width)
+        self.bridge = QFormerBridge(cfg.model, width, lm_width, runtime=self.runtime)
         self.prefix = None
         self.output_vocab: list[int] | None = None
         self.vocab_ids = self.vocab_lookup = None
-        apply_strategy(self, cfg, strategy)
+        apply_strategy(self, cfg, strategy, runtime=self.runtime)
         self.vision.trunk.requires_grad_(False)
         self.vision.tail.requires_grad_(cfg.model.tune_vision_blocks > 0)
         # What this strategy trains and saves. A training stage may switch part of it off for a while
@@ -91,6 +99,19 @@ class MedVLM(nn.Module):
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
         return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype):
+        """The decoder's KV cache for generation: the prefix (P-Tuning v2) pre-filled, else empty."""
+        cache = self.prefix_cache(batch_size, dtype)
+        if cache is not None:
+            return cache
+        if self.runtime:
+            from medvlm.model.runtime import KVCache
+
+            return KVCache()
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def prefix_length(self) -> int:
         return self.prefix.length if self.prefix is not None else 0
