@@ -196,3 +196,27 @@ def test_missing_or_unreachable_store_is_one_line_error(tmp_path):
     with pytest.raises(RegistryError, match="does not exist"):
         register(missing_dir, predictor_factory=FACTORY)
     assert not (Path(cfg.evaluate.out_dir) / "registry.json").exists()
+
+
+def test_resolve_champion_follows_promotion_and_skips_mlflow_once_cached(lifecycle):
+    """The alias is read from the store on every call (a new champion is picked up at once); a version already
+    downloaded is resolved by one sqlite query, without importing MLflow."""
+    from medvlm.registry import promote
+
+    root, cfg, _ = lifecycle
+    promote(cfg, "1")
+    assert json.loads((resolve_model("champion", cfg) / "model_config.json").read_text())["bias"] == 0.1
+    promote(cfg, "3")
+    assert json.loads((resolve_model("champion", cfg) / "model_config.json").read_text())["bias"] == 0.3
+    code = (
+        "import sys; from medvlm.config import config_from_dict; from medvlm.resolve import resolve_model;"
+        "cfg = config_from_dict({'register': {'tracking_uri': %r, 'cache_dir': %r}});"
+        "print(resolve_model('champion', cfg).relative_to(cfg.register.cache_dir).parts[0]);"
+        "print('mlflow' in sys.modules, 'pandas' in sys.modules)"
+    ) % (cfg.register.tracking_uri, cfg.register.cache_dir)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.split() == ["medvlm-v3", "False", "False"]
+    promote(cfg, "1")
+    with pytest.raises(RegistryError, match="not in the registry"):
+        resolve_model("models:/medvlm/42", cfg)

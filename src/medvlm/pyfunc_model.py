@@ -16,9 +16,9 @@ import pandas as pd
 
 from medvlm.errors import ModelError
 from medvlm.predict import decode_base64_image
+from medvlm.resolve import ARTIFACT_KEY  # noqa: F401 (defined where `--model` resolution reads it without MLflow)
 
 DEFAULT_FACTORY = "medvlm.inference:Predictor.load"
-ARTIFACT_KEY = "model_dir"
 
 
 def load_factory(dotted: str) -> Callable:
