@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,6 +221,21 @@ class LlamaLM(nn.Module):
         return self.model
 
 
+@contextmanager
+def _uninitialised():
+    """Linear / Embedding weights are left as allocated (torch.empty) while building: they are replaced by the
+    file's tensors right after. (The `meta` device would do the same, but its init ops import torch._dynamo,
+    seconds of CPU.)"""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    for cls in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
 def load_llama(path: Path, keep: int, dtype: torch.dtype = torch.float32) -> LlamaLM:
     """LlamaLM with the first `keep` layers (0 = all) of the model.safetensors in `path`; weights are read, never
     initialised."""
@@ -236,7 +252,7 @@ def load_llama(path: Path, keep: int, dtype: torch.dtype = torch.float32) -> Lla
         eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(config),
         tied=bool(config.get("tie_word_embeddings", False)),
     )
-    with torch.device("meta"):
+    with _uninitialised():
         model = LlamaLM(c)
     state = {}
     with safe_open(path / "model.safetensors", framework="pt") as fh:
