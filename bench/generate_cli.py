@@ -40,7 +40,7 @@ _state.update(params=sys.argv[3], overrides=json.loads(sys.argv[4]))
 cfg = _config()
 folder = resolve_model(sys.argv[2], cfg)
 t2 = time.perf_counter()
-predictor = Predictor.load(folder, cfg=cfg)
+predictor = Predictor.load(folder, cfg=cfg, runtime=True)  # as `medvlm generate` loads it
 t3 = time.perf_counter()
 pred = predictor.predict([load_image(sys.argv[1])])[0]
 t4 = time.perf_counter()
@@ -150,6 +150,7 @@ def main() -> None:
         "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "image": image.name,
+        "bytecode": {k: os.environ.get(k) for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")},
         "results": results,
         "note": "wall time on a shared machine includes other processes' load; cpu_s (user + sys of the process) "
                 "is what the command itself costs",

@@ -30,11 +30,12 @@ class Predictor:
 
     @classmethod
     def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None,
-             runtime: bool = True) -> "Predictor":
+             runtime: bool = False) -> "Predictor":
         """Rebuild from <model_dir>/{model_config.json, trainable.safetensors}.
 
-        runtime (default): the plain-torch inference twins of the LM and Q-Former (model/runtime.py), which load in a
-        fraction of the time because transformers is never imported; False: the training modules.
+        runtime: the plain-torch inference twins of the LM and Q-Former (model/runtime.py), which load in a fraction
+        of the time because transformers is never imported (what `medvlm generate` / `serve` use). Off by default:
+        evaluation keeps the training modules, so the pipeline's numbers do not move by a float rounding.
 
         The architecture always comes from the snapshot; `cfg` (when given) supplies the decoding settings
         (cfg.generate) and feature batch size, so evaluation can vary beams without retraining.

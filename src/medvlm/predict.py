@@ -170,9 +170,11 @@ def load_predictor(model_spec: str, cfg: Config, predictor_factory: Callable | N
 
     model_dir = resolve_model(model_spec, cfg)
     if predictor_factory is None:
+        import functools
+
         from medvlm.inference import Predictor
 
-        predictor_factory = Predictor.load
+        predictor_factory = functools.partial(Predictor.load, runtime=True)  # no transformers import: seconds saved
     try:
         return predictor_factory(model_dir, cfg=cfg)
     except MedVLMError:
