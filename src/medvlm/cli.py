@@ -251,11 +251,12 @@ def generate(
     fmt: str = typer.Option("text", "--format", "-f", help="text | json | markdown"),
     out: Optional[Path] = typer.Option(None, help="write the output to this file"),
     study: bool = typer.Option(False, "--study", help="all images are views of one study (e.g. frontal + lateral): one report"),
+    indication: Optional[str] = typer.Option(None, "--indication", help='clinical indication for every image, e.g. "fever, cough for 5 days" (used by models trained with model.indication)'),
 ) -> None:
     """Generate a radiology report (and diagnosis probabilities) for images."""
     from medvlm.predict import generate_reports
 
-    code = generate_reports(paths, model, _config(), fmt, out, study=study)
+    code = generate_reports(paths, model, _config(), fmt, out, study=study, indication=indication)
     raise typer.Exit(code=code)
 
 

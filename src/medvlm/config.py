@@ -31,6 +31,7 @@ class SynthesizeConfig(_Section):
     incoming_normal_fraction: float = Field(0.10, ge=0.0, le=1.0)
     incoming_intensity_shift: float = 0.12
     incoming_noise_scale: float = Field(2.5, gt=0.0)
+    indications: bool = False  # write a clinical `indication` per study, correlated with its findings
 
 
 class DataConfig(_Section):
@@ -125,6 +126,9 @@ class ModelConfig(_Section):
     # ("Suspected: pneumonia 0.83, ground glass 0.61."), labels with probability above prior_threshold.
     prior_prompt: bool = False
     prior_threshold: float = Field(0.5, ge=0.0, lt=1.0)
+    # Clinical indication in the prompt (MAIRA-2, LLaVA-Rad): the user turn adds "Indication: <text>." where a study
+    # has one (manifest column `indication`, `medvlm generate --indication`, REST field `indication`).
+    indication: bool = False
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":

@@ -170,7 +170,12 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
 
     predictor = Predictor.load(model_dir, cfg)
     features, ids = load_features(cfg, "test")
-    rows = predictor.predict_features(features)
+    indications = None
+    if predictor.cfg.model.indication:  # the model was trained with the indication in its prompt
+        from medvlm.train import study_indications
+
+        indications = study_indications(read_manifest(Path(cfg.split.out_dir) / "test.jsonl"))
+    rows = predictor.predict_features(features, indications=indications)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
     return gens, {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
 

@@ -48,8 +48,9 @@ def _prompt_embeds(model: MedVLM, queries: torch.Tensor, posts: list[list[int]]
 
 @torch.no_grad()
 def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig, prompt_index: int = 0,
-                 ) -> tuple[list[list[int]], torch.Tensor | None]:
-    """Token ids of the best hypothesis per sample (end token excluded) and label probabilities (or None)."""
+                 indications: list[str | None] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+    """Token ids of the best hypothesis per sample (end token excluded) and label probabilities (or None).
+    `indications`: one clinical indication (or None) per sample, used with model.indication."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -57,7 +58,7 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
     batch, beams = queries.shape[0], gen.num_beams
     # beams hold indices into the output vocabulary (== token ids unless the vocabulary is closed)
     eos = int(model.output_index(torch.tensor([model.layout.eos], device=device)))
-    embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits))
+    embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits, indications))
     # (B*K, ...): beams of a sample are adjacent and share its prompt length, so beam reordering keeps `lengths`
     embeds, prompt_mask, lengths = (x.repeat_interleave(beams, dim=0) for x in (embeds, prompt_mask, lengths))
     rows = embeds.shape[0]
@@ -122,12 +123,14 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
 
 
 def generate_reports(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig,
-                     batch_size: int | None = None) -> tuple[list[str], torch.Tensor | None]:
+                     batch_size: int | None = None, indications: list[str | None] | None = None
+                     ) -> tuple[list[str], torch.Tensor | None]:
     """Reports (decoded text) and label probabilities for cached trunk features, in batches."""
     size = batch_size or gen.batch_size
     texts, probs = [], []
     for start in range(0, len(trunk_features), size):
-        ids, p = generate_ids(model, trunk_features[start : start + size], gen)
+        ids, p = generate_ids(model, trunk_features[start : start + size], gen,
+                              indications=indications[start : start + size] if indications is not None else None)
         texts.extend(model.layout.decode(x) for x in ids)
         if p is not None:
             probs.append(p)

@@ -73,17 +73,22 @@ class Predictor:
             out.append({"report": report, "probabilities": p})
         return out
 
-    def predict_features(self, features: torch.Tensor, batch_size: int | None = None) -> list[dict]:
-        """Reports for cached trunk features (N, *trunk shape) from the features stage."""
-        reports, probs = generate_reports(self.model, features.to(self.device), self.cfg.generate, batch_size)
+    def predict_features(self, features: torch.Tensor, batch_size: int | None = None,
+                         indications: list[str | None] | None = None) -> list[dict]:
+        """Reports for cached trunk features (N, *trunk shape) from the features stage; `indications` (one per
+        study or None) reach the prompt when the model was trained with model.indication."""
+        reports, probs = generate_reports(self.model, features.to(self.device), self.cfg.generate, batch_size,
+                                          indications)
         return self._rows(reports, probs)
 
-    def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
+    def predict(self, images: list[Image.Image], batch_size: int | None = None,
+                indications: list[str | None] | None = None) -> list[dict]:
         """Reports for raw images, one study per image: [{"report": str, "probabilities": {label: p}}] (empty dict
         with the DEM off). A multi-view model (features.multi_view concat) sees the one view repeated."""
-        return self.predict_studies([[image] for image in images], batch_size)
+        return self.predict_studies([[image] for image in images], batch_size, indications)
 
-    def predict_studies(self, studies: list[list[Image.Image]], batch_size: int | None = None) -> list[dict]:
+    def predict_studies(self, studies: list[list[Image.Image]], batch_size: int | None = None,
+                        indications: list[str | None] | None = None) -> list[dict]:
         """One report per study; a study is the list of its views (e.g. frontal + lateral), combined the way the
         model was trained (features.multi_view of its snapshot: mean of views or concatenated view tokens)."""
         if not studies:
@@ -94,4 +99,4 @@ class Predictor:
         if batch_size:
             cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"batch_size": batch_size})})
         feats = study_features(self.model.vision, [list(v) for v in studies], cfg)
-        return self.predict_features(feats, batch_size)
+        return self.predict_features(feats, batch_size, indications)

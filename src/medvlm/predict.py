@@ -61,11 +61,13 @@ def _safe_is_dicom(path: Path, is_dicom: Callable) -> bool:
 
 
 def run_predictions(
-    files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False
+    files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False,
+    indication: str | None = None,
 ) -> Outcome:
     """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures.
 
-    study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them."""
+    study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them.
+    indication: the clinical indication of every image (the prompt carries it for models trained with it)."""
     from medvlm.data.images import load_image
 
     outcome = Outcome()
@@ -81,13 +83,16 @@ def run_predictions(
                 outcome.failures.append(str(exc))
         return images, kept
 
+    def told(n: int) -> dict:  # only passed when given: predictors without indication support still work
+        return {"indications": [indication] * n} if indication else {}
+
     def rounded(pred: dict) -> dict:
         return {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}
 
     if study:
         images, kept = decode(files)
         if images:
-            pred = predictor.predict_studies([images])[0]
+            pred = predictor.predict_studies([images], **told(1))[0]
             outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
                                     "probabilities": rounded(pred)})
         return outcome
@@ -102,7 +107,7 @@ def run_predictions(
             batch = files[start : start + batch_size]
             images, kept = decode(batch)
             if images:
-                for path, pred in zip(kept, predictor.predict(images)):
+                for path, pred in zip(kept, predictor.predict(images, **told(len(images)))):
                     outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred)})
             progress.advance(task, len(batch))
     return outcome
@@ -135,6 +140,7 @@ def generate_reports(
     stdout: TextIO | None = None,
     console: Console | None = None,
     study: bool = False,
+    indication: str | None = None,
 ) -> int:
     """The logic behind `medvlm generate`. Returns the exit code: 0 all done, 1 some files failed, 2 none read.
 
@@ -150,7 +156,11 @@ def generate_reports(
         console.print("[red]error:[/red] no image files found in the given paths", highlight=False)
         return EXIT_NOTHING_READ
     predictor = load_predictor(model_spec, cfg, predictor_factory)
-    outcome = run_predictions(files, predictor, cfg, console, study=study)
+    trained = getattr(getattr(predictor, "cfg", None), "model", None)
+    if indication and trained is not None and not getattr(trained, "indication", False):
+        console.print("note: this model was trained without model.indication; --indication does not reach its prompt",
+                      highlight=False)
+    outcome = run_predictions(files, predictor, cfg, console, study=study, indication=indication)
     for line in outcome.failures:
         console.print(f"[red]skipped:[/red] {line}", highlight=False, soft_wrap=True)
     text = format_results(outcome.results, fmt)

@@ -2,7 +2,9 @@
 
     GET  /health   -> {"status": "ok", "model": ..., "labels": [...]}
     POST /predict  -> {"report": str, "probabilities": {label: p}}
-         body: JSON {"image": "<base64 image bytes>"}  or  multipart/form-data with a file field "file" (or "image")
+         body: JSON {"image": "<base64 image bytes>", "indication": "fever, cough"}  or  multipart/form-data with
+         a file field "file" (or "image") and an optional text field "indication" (used by models trained with
+         model.indication)
 
 Bad input is always a 4xx with a one-line message, never a 500: 413 too large (serve.max_bytes, checked before the
 body is read when Content-Length says so, and while streaming otherwise), 415 not JSON/multipart or not an image,
@@ -60,12 +62,13 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
 
     @app.post("/predict")
     async def predict(request: Request) -> dict:
-        data = await _image_bytes(request, max_bytes)
+        data, indication = await _image_bytes(request, max_bytes)
         image = await run_in_threadpool(_decode, data, cfg.validation.max_image_pixels)
+        extra = {"indications": [indication]} if indication else {}
 
         def _run():
             with lock:
-                return predictor.predict([image])[0]
+                return predictor.predict([image], **extra)[0]
 
         pred = await run_in_threadpool(_run)
         probs = {k: float(v) for k, v in pred.get("probabilities", {}).items()}
@@ -90,24 +93,37 @@ async def _read_capped(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _image_bytes(request: Request, max_bytes: int) -> bytes:
+async def _image_bytes(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("application/json", "multipart/form-data"):
         raise BadRequest(415, f"content type {content_type or 'none'!r}: send application/json "
                               "{\"image\": <base64>} or multipart/form-data with a file field 'file'")
     body = await _read_capped(request, body_limit(max_bytes))
     if content_type == "application/json":
-        data = _from_json(body)
+        data, indication = _from_json(body)
     else:
-        data = await _from_multipart(request, body, max_bytes)
+        data, indication = await _from_multipart(request, body, max_bytes)
     if not data:
         raise BadRequest(422, "the image is empty")
     if len(data) > max_bytes:
         raise BadRequest(413, f"image of {len(data)} bytes exceeds serve.max_bytes ({max_bytes})")
-    return data
+    return data, indication
 
 
-def _from_json(body: bytes) -> bytes:
+MAX_INDICATION_CHARS = 1000
+
+
+def _indication(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(422, "field 'indication' must be a string")
+    if len(value) > MAX_INDICATION_CHARS:
+        raise BadRequest(422, f"field 'indication' is longer than {MAX_INDICATION_CHARS} characters")
+    return value.strip() or None
+
+
+def _from_json(body: bytes) -> tuple[bytes, str | None]:
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -116,13 +132,14 @@ def _from_json(body: bytes) -> bytes:
         raise BadRequest(422, "missing field 'image' (base64-encoded image bytes)")
     if not isinstance(payload["image"], str):
         raise BadRequest(422, "field 'image' must be a base64 string")
+    indication = _indication(payload.get("indication"))
     try:
-        return base64.b64decode(payload["image"], validate=True)
+        return base64.b64decode(payload["image"], validate=True), indication
     except (binascii.Error, ValueError):
         raise BadRequest(400, "field 'image' is not valid base64") from None
 
 
-async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> bytes:
+async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> tuple[bytes, str | None]:
     async def _stream() -> AsyncIterator[bytes]:
         yield body
 
@@ -134,7 +151,8 @@ async def _from_multipart(request: Request, body: bytes, max_bytes: int) -> byte
         upload = next((form[f] for f in FILE_FIELDS if f in form and hasattr(form[f], "read")), None)
         if upload is None:
             raise BadRequest(422, "missing file field 'file' in the multipart form")
-        return await upload.read(max_bytes + 1)
+        text = form.get("indication")
+        return await upload.read(max_bytes + 1), _indication(text if isinstance(text, str) else None)
     finally:
         await form.close()
 

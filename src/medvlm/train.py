@@ -51,6 +51,7 @@ class TrainData:
     reports: list[list[int]]  # token ids ending with eos
     labels: torch.Tensor  # (N, K) float 0/1
     study_ids: list[str]
+    indications: list[str | None] | None = None  # manifest column `indication`, when model.indication is on
 
 
 def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=None) -> TrainData:
@@ -66,7 +67,15 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
             raise DataError(f"{split_file}:{lineno}: labels lack {missing}")
         labels.append([float(row_labels[n]) for n in cfg.data.label_names])
     reports = [model.layout.encode_report(str(r)) for r in rows["report"]]
-    return TrainData(features, reports, torch.tensor(labels), ids)
+    indications = study_indications(rows) if cfg.model.indication else None
+    return TrainData(features, reports, torch.tensor(labels), ids, indications)
+
+
+def study_indications(rows) -> list[str | None]:
+    """The manifest's optional `indication` column as a list (None where a study has none or the column is absent)."""
+    if "indication" not in rows.columns:
+        return [None] * len(rows)
+    return [value if isinstance(value, str) and value.strip() else None for value in rows["indication"]]
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                             continue
                         with accelerator.autocast():
                             out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
-                                        data.labels[idx], [int(prompts[i]) for i in idx])
+                                        data.labels[idx], [int(prompts[i]) for i in idx],
+                                        [data.indications[i] for i in idx] if data.indications is not None else None)
                         accelerator.backward(out["loss"] / cfg.train.grad_accum)
                         for key in sums:
                             if key in out:

@@ -431,6 +431,36 @@ def sample_study(rng: np.random.Generator, normal: bool) -> tuple[str, list[dict
     return level, findings
 
 
+# Indications a requesting clinician might write, by the finding that explains them; a normal study gets a
+# screening / rule-out one. INDICATION_NOISE of the studies get one drawn from any finding's list (clinical
+# suspicion is not always right), so an indication is a clue, not the answer.
+INDICATIONS = {
+    "infection": ["fever, cough for {d} days", "fever and productive cough for {d} days",
+                  "suspected pneumonia, SpO2 {s}%", "cough and fever, CRP raised"],
+    "nodule": ["incidental nodule on prior imaging, follow-up", "smoker, {y} pack-years, screening",
+               "weight loss, history of smoking"],
+    "effusion": ["dyspnoea, reduced breath sounds at the base", "heart failure, increasing dyspnoea",
+                 "pleuritic chest pain and dyspnoea"],
+    "fibrosis": ["progressive exertional dyspnoea for {m} months", "dry cough, bibasal crackles",
+                 "known interstitial lung disease, follow-up"],
+    "normal": ["pre-operative assessment", "chest pain, rule out pathology", "routine screening",
+               "trauma, rule out injury"],
+}
+INDICATION_NOISE = 0.2
+
+
+def indication_for(findings: list[dict], rng: np.random.Generator) -> str:
+    """A clinical indication that correlates with the findings (see INDICATIONS)."""
+    present = {f["type"] for f in findings}
+    keys = ([k for k, types in (("infection", INFECTION_TYPES), ("nodule", ("nodule",)), ("effusion", ("effusion",)),
+                                ("fibrosis", ("fibrosis",))) if present & set(types)] or ["normal"])
+    key = str(rng.choice(list(INDICATIONS))) if rng.random() < INDICATION_NOISE else keys[int(rng.integers(len(keys)))]
+    options = INDICATIONS[key]
+    text = options[int(rng.integers(len(options)))]
+    return text.format(d=int(rng.integers(2, 11)), s=int(rng.integers(86, 95)), y=int(rng.integers(15, 60)),
+                       m=int(rng.integers(3, 25)))
+
+
 def labels_for(findings: list[dict], label_names: list[str]) -> dict[str, int]:
     present = {f["type"] for f in findings}
     full = {name: int(name in present) for name in FINDING_TYPES}
@@ -461,6 +491,8 @@ def _write_batch(out_dir: Path, prefix: str, n: int, normal_fraction: float, str
                          report=write_report(findings, np.random.default_rng([s.seed, stream, i, 2])),
                          labels=labels, findings=findings, slice_level=level, render_seed=seed,
                          group=name, source_row=i))
+        if s.indications:  # off by default: the default data set (and every number made from it) stays the same
+            rows[-1]["indication"] = indication_for(findings, np.random.default_rng([s.seed, stream, i, 3]))
     tmp = out_dir / "annotation.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out_dir / "annotation.jsonl")
@@ -474,7 +506,8 @@ def synthesize(cfg: Config) -> dict:
     Each folder gets images/<prefix>_NNNNN.png and annotation.jsonl (generic JSONL manifest), one row per study:
     study_id, image, images, report, labels (keys = data.label_names), findings [{type, side, zone, distribution,
     extent}], slice_level, render_seed (render_slice(slice_level, findings, size, render_seed, scanner) redraws the
-    image), group (= study_id), source_row. Returns counts per label and the paths."""
+    image), group (= study_id), source_row; with synthesize.indications also `indication` (indication_for).
+    Returns counts per label and the paths."""
     unknown = [name for name in cfg.data.label_names if name not in LABELS]
     if unknown:
         raise ConfigError(f"data.label_names: the phantom cannot draw {unknown}; it knows {list(LABELS)}")

@@ -88,14 +88,16 @@ class MedVLM(nn.Module):
             queries = torch.cat([queries, clue_tokens.to(queries.dtype)], dim=1)
         return queries, logits
 
-    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None) -> list[list[int]]:
+    def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None,
+                 indications: list[str | None] | None = None) -> list[list[int]]:
         """Per-sample prompt ids after the soft tokens. With model.prior_prompt they list the *predicted* findings,
         in training too: prompting with the true labels (teacher forcing) would leak the answer into the input, and
         the model would learn to copy a prompt that at test time only the classifier can fill."""
+        indications = indications if indications is not None else [None] * len(prompt_index)
         if not self.layout.prior:
-            return [self.layout.posts[p] for p in prompt_index]
+            return [self.layout.post_ids(p, None, ind) for p, ind in zip(prompt_index, indications)]
         probs = torch.sigmoid(logits.detach().float()).cpu().tolist()
-        return [self.layout.post_ids(p, row) for p, row in zip(prompt_index, probs)]
+        return [self.layout.post_ids(p, row, ind) for p, row, ind in zip(prompt_index, probs, indications)]
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
         return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
@@ -155,15 +157,17 @@ class MedVLM(nn.Module):
 
     # ---- training forward --------------------------------------------------------------------------------------
     def forward(self, trunk_features: torch.Tensor, reports: list[list[int]], labels: torch.Tensor | None = None,
-                prompt_index: list[int] | None = None) -> dict[str, torch.Tensor]:
-        """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1."""
+                prompt_index: list[int] | None = None, indications: list[str | None] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1; `indications`
+        the studies' clinical indications (used with model.indication)."""
         queries, logits = self.visual_queries(trunk_features)
         batch, n_query, _ = queries.shape
         device = queries.device
         pre = self.layout.pre
         prompt_index = prompt_index or [0] * batch
         # Per-sample token ids after the soft tokens: prompt tail, then the report (right padded).
-        posts = self.post_ids(prompt_index, logits)
+        posts = self.post_ids(prompt_index, logits, indications)
         tails = [post + r for post, r in zip(posts, reports)]
         length = len(pre) + n_query + max(len(t) for t in tails)
         ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)

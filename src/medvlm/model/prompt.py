@@ -18,6 +18,14 @@ _QUERY_MARK = "\x00QUERIES\x00"
 _PRIOR_MARK = "\x00PRIOR\x00"
 
 
+def indication_text(indication) -> str:
+    """ "Indication: fever, cough for 5 days." for a study's indication; "" when it has none."""
+    if indication is None or (isinstance(indication, float) and indication != indication):  # None / NaN
+        return ""
+    text = " ".join(str(indication).split()).rstrip(".")
+    return f"Indication: {text}." if text else ""
+
+
 def prior_knowledge_text(probs: Sequence[float], label_names: Sequence[str], threshold: float) -> str:
     """ClinicalBLIP-style prior: findings above `threshold`, most probable first, with their probabilities."""
     found = sorted(((-float(p), k) for k, p in enumerate(probs) if float(p) > threshold))
@@ -37,6 +45,7 @@ class PromptLayout:
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         self.max_report_tokens = cfg.model.max_report_tokens
         self.prior = cfg.model.prior_prompt
+        self.indication = cfg.model.indication
         self.label_names, self.threshold = list(cfg.data.label_names), cfg.model.prior_threshold
         self.template = cfg.model.prompt_template
         if not self.template:
@@ -55,19 +64,24 @@ class PromptLayout:
             self._post_texts.append(after.split(_PRIOR_MARK))
         self.pre = pres[0]
 
-    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None) -> list[int]:
-        """Ids after the soft tokens; with the prior prompt on, `probs` (one per label) add the predicted findings."""
-        if not self.prior:
+    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None, indication: str | None = None
+                 ) -> list[int]:
+        """Ids after the soft tokens; with the prior prompt on, `probs` (one per label) add the predicted findings;
+        with model.indication on, the study's `indication` (if it has one) comes first: "Indication: ...".
+        With both off (or no indication and the prior off) the ids are the fixed ones of the prompt."""
+        told = indication_text(indication) if self.indication else ""
+        if not self.prior and not told:
             return self.posts[prompt_index]
-        if probs is None:
+        if self.prior and probs is None:
             raise ConfigError("model.prior_prompt is on but no predicted probabilities reached the prompt")
-        prior = prior_knowledge_text(probs, self.label_names, self.threshold)
+        prior = prior_knowledge_text(probs, self.label_names, self.threshold) if self.prior else ""
+        extra = " ".join(t for t in (told, prior) if t)
         if not self.template:
-            return self.tokenizer(prior, add_special_tokens=False)["input_ids"] + [self.bos]
-        # the whole post text is tokenised at once, so the prior's first word merges with what precedes it as
+            return self.tokenizer(extra, add_special_tokens=False)["input_ids"] + [self.bos]
+        # the whole post text is tokenised at once, so the added text's first word merges with what precedes it as
         # the tokenizer would merge it in running text
         head, tail = self._post_texts[prompt_index]
-        return self.tokenizer(f"{head} {prior}{tail}", add_special_tokens=False)["input_ids"]
+        return self.tokenizer(f"{head} {extra}{tail}", add_special_tokens=False)["input_ids"]
 
     def encode_report(self, report: str) -> list[int]:
         ids = self.tokenizer(report, add_special_tokens=False)["input_ids"][: self.max_report_tokens - 1]
