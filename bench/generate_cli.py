@@ -1,6 +1,6 @@
 """Cold-process latency of `medvlm generate one.png`: what a user waits for, import to printed report.
 
-    python bench/generate_cli.py [--model models/freeze] [--runs 5] [--image path.png] [--champion]
+    python bench/generate_cli.py [--model models/freeze] [--runs 5] [--image path.png] [--champion] [--serve]
 
 Each run is a fresh `python -m medvlm.cli generate IMAGE --model M --format json` process (wall time, median of
 --runs), then as many instrumented cold processes that time the stages of the same path: interpreter start,
@@ -8,7 +8,8 @@ imports (what `generate` imports up to the first report), resolve (`--model` -> 
 the first image (decode + report). Goal: <= 5 s wall on 2 CPU cores. --champion also times `--model champion`
 from a throw-away sqlite registry holding the --model folder as version 1 (the download happens once, untimed,
 as after `make run`). CPU seconds (user + sys) are recorded beside wall time: on a shared machine wall time
-measures the neighbours too, CPU time does not. Writes reports/bench/generate_cli.json.
+measures the neighbours too, CPU time does not. --serve: `medvlm serve` from process start to its first answered
+POST /predict. Writes reports/bench/generate_cli.json.
 """
 
 from __future__ import annotations
@@ -106,6 +107,46 @@ def measure(model: str, image: Path, runs: int, params: Path, overrides: list[st
     }
 
 
+def measure_serve(model: str, image: Path, runs: int, params: Path, overrides: list[str], cwd: Path) -> dict:
+    """`medvlm serve` from process start to the first answered POST /predict (the image as JSON base64)."""
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"image": base64.b64encode(image.read_bytes()).decode()}).encode()
+    times = []
+    for _ in range(runs):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "medvlm.cli", "--params", str(params)]
+        for item in overrides:
+            cmd += ["-S", item]
+        cmd += ["serve", "--model", model, "--port", str(port)]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=_env(), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"medvlm serve exited with {proc.returncode}")
+                try:
+                    request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=body,
+                                                     headers={"content-type": "application/json"})
+                    with urllib.request.urlopen(request, timeout=120) as response:
+                        json.loads(response.read())
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    time.sleep(0.05)
+            times.append(time.perf_counter() - start)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return {"model": model, "first_predict_after_start_s": {"median": round(statistics.median(times), 2),
+                                                             "runs": [round(t, 2) for t in times]},
+            "meets_goal": statistics.median(times) <= GOAL_S}
+
+
 def temp_registry(model_dir: Path, root: Path, params: Path) -> list[str]:
     """A sqlite registry with `model_dir` as version 1 (alias champion), its download cached: the state after
     `make run`. Returns the -S overrides that point a command at it."""
@@ -129,6 +170,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--champion", action="store_true", help="also time --model champion (throw-away registry)")
+    parser.add_argument("--serve", action="store_true", help="also time `medvlm serve` to its first answered request")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "generate_cli.json")
     args = parser.parse_args()
     image = args.image
@@ -140,6 +182,8 @@ def main() -> None:
     if not (model_dir / "trainable.safetensors").is_file():
         raise SystemExit(f"{model_dir}: no trained model (`medvlm train --strategy freeze`)")
     results = [measure(str(model_dir), image.resolve(), args.runs, args.params, [], REPO)]
+    if args.serve:
+        results.append({"serve": measure_serve(str(model_dir), image.resolve(), args.runs, args.params, [], REPO)})
     if args.champion:
         with tempfile.TemporaryDirectory(prefix="medvlm-bench-") as tmp:
             overrides = temp_registry(model_dir, Path(tmp), args.params)
