@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--champion", action="store_true", help="also time --model champion (throw-away registry)")
+    parser.add_argument("--set", "-S", dest="overrides", action="append", default=[],
+                        help="settings for every timed command, e.g. generate.max_new_tokens=40 (recorded in the json)")
     parser.add_argument("--serve", action="store_true", help="also time `medvlm serve` to its first answered request")
     parser.add_argument("--out", type=Path, default=REPO / "reports" / "bench" / "generate_cli.json")
     args = parser.parse_args()
@@ -181,19 +183,21 @@ def main() -> None:
     model_dir = Path(args.model).resolve()
     if not (model_dir / "trainable.safetensors").is_file():
         raise SystemExit(f"{model_dir}: no trained model (`medvlm train --strategy freeze`)")
-    results = [measure(str(model_dir), image.resolve(), args.runs, args.params, [], REPO)]
+    results = [measure(str(model_dir), image.resolve(), args.runs, args.params, args.overrides, REPO)]
     if args.serve:
-        results.append({"serve": measure_serve(str(model_dir), image.resolve(), args.runs, args.params, [], REPO)})
+        results.append({"serve": measure_serve(str(model_dir), image.resolve(), args.runs, args.params,
+                                               args.overrides, REPO)})
     if args.champion:
         with tempfile.TemporaryDirectory(prefix="medvlm-bench-") as tmp:
             overrides = temp_registry(model_dir, Path(tmp), args.params)
-            results.append(measure("champion", image.resolve(), args.runs, args.params, overrides, REPO))
+            results.append(measure("champion", image.resolve(), args.runs, args.params, overrides + args.overrides, REPO))
     summary = {
         "goal_wall_s": GOAL_S,
         "cpu_count": os.cpu_count(),
         "load_average_at_start": list(os.getloadavg()),
         "python": platform.python_version(),
         "image": image.name,
+        "overrides": args.overrides,
         "bytecode": {k: os.environ.get(k) for k in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")},
         "results": results,
         "note": "wall time on a shared machine includes other processes' load; cpu_s (user + sys of the process) "
