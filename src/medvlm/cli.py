@@ -268,11 +268,13 @@ def generate(
     explain: Optional[Path] = typer.Option(
         None, "--explain", help="also write per-finding heatmaps to this folder: <image stem>_<label>.png "
         "(needs a DEM)"),
+    indication: Optional[str] = typer.Option(None, "--indication", help='clinical indication for every image, e.g. "fever, cough for 5 days" (used by models trained with model.indication)'),
 ) -> None:
     """Generate a radiology report (and diagnosis probabilities) for images."""
     from medvlm.predict import generate_reports
 
-    code = generate_reports(paths, model, _config(), fmt, out, study=study, explain_dir=explain)
+    code = generate_reports(paths, model, _config(), fmt, out, study=study, explain_dir=explain,
+                            indication=indication)
     raise typer.Exit(code=code)
 
 

@@ -49,6 +49,7 @@ class SynthesizeConfig(_Section):
     volume_size: int = Field(ge=64)  # in-plane voxels
     volume_slices: int = Field(ge=3)  # axial slices, lower / middle / upper zone thirds
     dicom_every: int = Field(ge=0)  # 0 = NIfTI only
+    indications: bool  # write a clinical `indication` per study, correlated with its findings
 
 
 class DataConfig(_Section):
@@ -162,6 +163,9 @@ class ModelConfig(_Section):
     # every report (boilerplate) keep weight 1, rare ones (the findings) weigh more, so the few tokens that decide
     # what a report says are not drowned by the sentences every report repeats. 0 = plain mean.
     finding_token_weight: float = Field(ge=0.0)
+    # Clinical indication in the prompt (MAIRA-2, LLaVA-Rad): the user turn adds "Indication: <text>." where a study
+    # has one (manifest column `indication`, `medvlm generate --indication`, REST field `indication`).
+    indication: bool
 
     @model_validator(mode="after")
     def _sizes(self) -> "ModelConfig":

@@ -32,7 +32,7 @@ from medvlm.config import Config
 from medvlm.errors import EvaluationError
 from medvlm.eval_units import evaluation_units
 from medvlm.labeler import Labeler
-from medvlm.manifest import read_manifest
+from medvlm.manifest import read_manifest, study_indications
 from medvlm.metrics import CONVENTIONS, MeteorScorer, clinical_efficacy, coco_scores, medvlm_scores, preprocess
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,12 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
 
     predictor = Predictor.load(model_dir, cfg)
     features, ids = load_features(cfg, "test")
-    rows = predictor.predict_features(features)
+    indications = None
+    if predictor.cfg.model.indication:  # the model was trained with the indication in its prompt
+        rows = read_manifest(Path(cfg.split.out_dir) / "test.jsonl")
+        by_id = dict(zip(rows["study_id"].astype(str), study_indications(rows)))
+        indications = [by_id.get(str(sid)) for sid in ids]
+    rows = predictor.predict_features(features, indications=indications)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
     from medvlm.explain import top_label_grids
 

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 from medvlm.config import Config
 from medvlm.errors import ConfigError, DataError
-from medvlm.manifest import read_manifest
 from medvlm.model.encoder import VisionEncoder
 from medvlm.model.vision import build_vision
 from medvlm.model.vision3d import EFFICIENTNET_SLICES, VOLUME_ENCODERS, VolumeEncoder
@@ -107,6 +106,8 @@ def _load_study_images(row, root: Path, cfg: Config, vision: VisionEncoder | Non
 
 def extract_features(cfg: Config) -> dict:
     """Cache trunk features of data/split/{train,test}.jsonl under cfg.features.out_dir."""
+    from medvlm.manifest import read_manifest  # pandas: not on the `medvlm generate` path
+
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     vision = build_vision(cfg).eval()

@@ -12,7 +12,6 @@ hypotheses, and the best hypothesis maximises sum(log p) / length.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 from medvlm.config import GenerateConfig
 from medvlm.model.medvlm import MedVLM
@@ -49,9 +48,11 @@ def _prompt_embeds(model: MedVLM, queries: torch.Tensor, posts: list[list[int]]
 
 @torch.no_grad()
 def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig, prompt_index: int = 0,
-                 contexts: list[str] | None = None) -> tuple[list[list[int]], torch.Tensor | None]:
+                 contexts: list[str] | None = None, indications: list[str | None] | None = None
+                 ) -> tuple[list[list[int]], torch.Tensor | None]:
     """Token ids of the best hypothesis per sample (end token excluded) and label probabilities (or None).
-    `contexts`: similar-case text per sample; None = from the model's retrieval index when it has one."""
+    `contexts`: similar-case text per sample; None = from the model's retrieval index when it has one.
+    `indications`: one clinical indication (or None) per sample, used with model.indication."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -62,11 +63,11 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
     # beams hold indices into the output vocabulary (== token ids unless the vocabulary is closed)
     eos = int(model.output_index(torch.tensor([model.layout.eos], device=device)))
     embeds, prompt_mask, lengths = _prompt_embeds(model, queries, model.post_ids([prompt_index] * batch, disc_logits,
-                                                                                   contexts=contexts))
+                                                                                   contexts=contexts, indications=indications))
     # (B*K, ...): beams of a sample are adjacent and share its prompt length, so beam reordering keeps `lengths`
     embeds, prompt_mask, lengths = (x.repeat_interleave(beams, dim=0) for x in (embeds, prompt_mask, lengths))
     rows = embeds.shape[0]
-    cache = model.prefix_cache(rows, embeds.dtype) or DynamicCache()
+    cache = model.new_cache(rows, embeds.dtype)
     mask = torch.cat([prompt_mask.new_ones(rows, model.prefix_length()), prompt_mask], dim=1)
     positions = (prompt_mask.cumsum(1) - 1).clamp(min=0)
     hidden = model.run_decoder(embeds, mask, positions, cache)
@@ -127,15 +128,17 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
 
 
 def generate_reports(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig,
-                     batch_size: int | None = None, contexts: list[str] | None = None
-                     ) -> tuple[list[str], torch.Tensor | None]:
+                     batch_size: int | None = None, contexts: list[str] | None = None,
+                     indications: list[str | None] | None = None) -> tuple[list[str], torch.Tensor | None]:
     """Reports (decoded text) and label probabilities for cached trunk features, in batches. `contexts`: the
-    similar-case text per sample when the caller already searched the retrieval index (None = generate_ids does)."""
+    similar-case text per sample when the caller already searched the retrieval index (None = generate_ids does);
+    `indications`: one clinical indication (or None) per sample (model.indication)."""
     size = batch_size or gen.batch_size
     texts, probs = [], []
     for start in range(0, len(trunk_features), size):
         ids, p = generate_ids(model, trunk_features[start : start + size], gen,
-                              contexts=contexts[start : start + size] if contexts is not None else None)
+                              contexts=contexts[start : start + size] if contexts is not None else None,
+                              indications=indications[start : start + size] if indications is not None else None)
         texts.extend(model.layout.decode(x) for x in ids)
         if p is not None:
             probs.append(p)

@@ -30,8 +30,13 @@ class Predictor:
         self.strategy = meta["strategy"]
 
     @classmethod
-    def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None) -> "Predictor":
+    def load(cls, model_dir: str | Path, cfg: Config | None = None, device: str | None = None,
+             runtime: bool = False) -> "Predictor":
         """Rebuild from <model_dir>/{model_config.json, trainable.safetensors}.
+
+        runtime: the plain-torch inference twins of the LM and Q-Former (model/runtime.py), which load in a fraction
+        of the time because transformers is never imported (what `medvlm generate` / `serve` use). Off by default:
+        evaluation keeps the training modules, so the pipeline's numbers do not move by a float rounding.
 
         The architecture always comes from the snapshot; `cfg` (when given) supplies the decoding settings
         (cfg.generate) and feature batch size, so evaluation can vary beams without retraining.
@@ -50,7 +55,7 @@ class Predictor:
             trained = trained.model_copy(update={"generate": cfg.generate, "features": trained.features.model_copy(
                 update={"batch_size": cfg.features.batch_size})})
         torch.manual_seed(trained.seed)  # untrained buffers/params are overwritten; seed keeps init cheap and fixed
-        model = MedVLM(trained, meta["strategy"])
+        model = MedVLM(trained, meta["strategy"], runtime=runtime)
         model.load_trainable_state_dict(load_file(weights))
         model.set_output_vocab(meta.get("output_vocab"))
         model.set_label_thresholds(meta.get("dem_thresholds"))
@@ -75,19 +80,23 @@ class Predictor:
             out.append(row)
         return out
 
-    def predict_features(self, features: torch.Tensor, batch_size: int | None = None) -> list[dict]:
-        """Reports for cached trunk features (N, *trunk shape) from the features stage."""
+    def predict_features(self, features: torch.Tensor, batch_size: int | None = None,
+                         indications: list[str | None] | None = None) -> list[dict]:
+        """Reports for cached trunk features (N, *trunk shape) from the features stage; `indications` (one per
+        study or None) reach the prompt when the model was trained with model.indication."""
         features = features.to(self.device)
         contexts, similar = self.model.retrieval_contexts(features)  # one index search: the prompts and the listing
-        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size, contexts)
+        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size, contexts, indications)
         return self._rows(reports, probs, similar)
 
-    def predict(self, images: list[Image.Image], batch_size: int | None = None) -> list[dict]:
+    def predict(self, images: list[Image.Image], batch_size: int | None = None,
+                indications: list[str | None] | None = None) -> list[dict]:
         """Reports for raw images, one study per image: [{"report": str, "probabilities": {label: p}}] (empty dict
         with the DEM off). A multi-view model (features.multi_view concat) sees the one view repeated."""
-        return self.predict_studies([[image] for image in images], batch_size)
+        return self.predict_studies([[image] for image in images], batch_size, indications)
 
-    def predict_studies(self, studies: list[list[Image.Image]], batch_size: int | None = None) -> list[dict]:
+    def predict_studies(self, studies: list[list[Image.Image]], batch_size: int | None = None,
+                        indications: list[str | None] | None = None) -> list[dict]:
         """One report per study; a study is the list of its views (e.g. frontal + lateral), combined the way the
         model was trained (features.multi_view of its snapshot: mean of views or concatenated view tokens)."""
         if not studies:
@@ -98,7 +107,7 @@ class Predictor:
         if batch_size:
             cfg = cfg.model_copy(update={"features": cfg.features.model_copy(update={"batch_size": batch_size})})
         feats = study_features(self.model.vision, [list(v) for v in studies], cfg)
-        return self.predict_features(feats, batch_size)
+        return self.predict_features(feats, batch_size, indications)
 
     def check_explainable(self) -> None:
         """One-line ModelError unless this model can be explained (a DEM and a 2-D image encoder)."""

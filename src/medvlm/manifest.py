@@ -9,6 +9,8 @@ One row per study:
     split        str | None     official split ("train" / "val" / "test") when the source has one
     group        str            grouping key for leak-free splits (COV-CTR: source paper); defaults to study_id
     source_row   int            row of the source file, so every message can name it
+    indication   str (optional) clinical indication ("fever, cough for 5 days"); the column exists only where a
+                                source row has one (model.indication puts it into the prompt)
 
 Validation adds `image_hash` (sha256 of the image bytes, views joined) used for duplicate detection and
 grouping. Manifests are JSON Lines so lists and dicts survive a round trip unchanged.
@@ -24,6 +26,7 @@ import pandas as pd
 from medvlm.errors import DataError
 
 COLUMNS = ["study_id", "images", "report", "report_zh", "labels", "split", "group", "source_row"]
+INDICATION = "indication"  # optional column: the clinical indication (free text), only where a source has it
 
 
 def empty_manifest() -> pd.DataFrame:
@@ -71,3 +74,10 @@ def _plain(value):
     if isinstance(value, float) and value != value:  # NaN -> null
         return None
     return value
+
+
+def study_indications(rows: pd.DataFrame) -> list[str | None]:
+    """The optional `indication` column as a list (None where a study has none or the column is absent)."""
+    if INDICATION not in rows.columns:
+        return [None] * len(rows)
+    return [value if isinstance(value, str) and value.strip() else None for value in rows[INDICATION]]

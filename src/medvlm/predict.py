@@ -69,12 +69,14 @@ def _safe_is_dicom(path: Path, is_dicom: Callable) -> bool:
 def run_predictions(
     files: list[Path], predictor, cfg: Config, console: Console | None = None, study: bool = False,
     explain_dir: str | Path | None = None,
+    indication: str | None = None,
 ) -> Outcome:
     """Decode and predict in batches of generate.batch_size; undecodable files become one-line failures.
 
     study=True: the files are the views of one study (e.g. frontal + lateral): one report for all of them.
     explain_dir: also write per-label heatmap overlays <explain_dir>/<image stem>_<label>.png (medvlm.explain; in a
-    study, each view's own), listed under "heatmaps" (label -> path) in each result."""
+    study, each view's own), listed under "heatmaps" (label -> path) in each result.
+    indication: the clinical indication of every image (the prompt carries it for models trained with it)."""
     from medvlm.features import load_view
 
     outcome = Outcome()
@@ -107,6 +109,9 @@ def run_predictions(
                 outcome.failures.append(str(exc))
         return images, kept
 
+    def told(n: int) -> dict:  # only passed when given: predictors without indication support still work
+        return {"indications": [indication] * n} if indication else {}
+
     def rounded(pred: dict) -> dict:
         return {k: round(float(v), 4) for k, v in pred.get("probabilities", {}).items()}
 
@@ -116,7 +121,7 @@ def run_predictions(
     if study:
         images, kept = decode(files)
         if images:
-            pred = predictor.predict_studies([images])[0]
+            pred = predictor.predict_studies([images], **told(1))[0]
             views = heatmaps(kept, images)  # each view's own maps; keys "<stem>:<label>" when there are several
             maps = {(f"{stem}:{k}" if len(views) > 1 else k): v for stem, m in views for k, v in m.items()}
             outcome.results.append({"path": ";".join(str(p) for p in kept), "views": len(kept), "report": pred["report"],
@@ -134,7 +139,7 @@ def run_predictions(
             batch = files[start : start + batch_size]
             images, kept = decode(batch)
             if images:
-                for path, pred, (_, maps) in zip(kept, predictor.predict(images), heatmaps(kept, images)):
+                for path, pred, (_, maps) in zip(kept, predictor.predict(images, **told(len(images))), heatmaps(kept, images)):
                     outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred),
                                             **similar(pred), **({"heatmaps": maps} if explain_dir is not None else {})})
             progress.advance(task, len(batch))
@@ -185,6 +190,7 @@ def generate_reports(
     console: Console | None = None,
     study: bool = False,
     explain_dir: str | Path | None = None,
+    indication: str | None = None,
 ) -> int:
     """The logic behind `medvlm generate`. Returns the exit code: 0 all done, 1 some files failed, 2 none read.
 
@@ -203,7 +209,12 @@ def generate_reports(
     predictor = load_predictor(model_spec, cfg, predictor_factory)
     if explain_dir is not None:
         check_explainable(predictor)
-    outcome = run_predictions(files, predictor, cfg, console, study=study, explain_dir=explain_dir)
+    trained = getattr(getattr(predictor, "cfg", None), "model", None)
+    if indication and trained is not None and not getattr(trained, "indication", False):
+        console.print("note: this model was trained without model.indication; --indication does not reach its prompt",
+                      highlight=False)
+    outcome = run_predictions(files, predictor, cfg, console, study=study, explain_dir=explain_dir,
+                              indication=indication)
     for line in outcome.failures:
         console.print(f"[red]skipped:[/red] {line}", highlight=False, soft_wrap=True)
     text = format_results(outcome.results, fmt)
@@ -236,9 +247,11 @@ def load_predictor(model_spec: str, cfg: Config, predictor_factory: Callable | N
 
     model_dir = resolve_model(model_spec, cfg)
     if predictor_factory is None:
+        import functools
+
         from medvlm.inference import Predictor
 
-        predictor_factory = Predictor.load
+        predictor_factory = functools.partial(Predictor.load, runtime=True)  # no transformers import: seconds saved
     try:
         return predictor_factory(model_dir, cfg=cfg)
     except MedVLMError:

@@ -2,7 +2,9 @@
 
     GET  /health   -> {"status": "ok", "model": ..., "labels": [...]}
     POST /predict  -> {"report": str, "probabilities": {label: p}}
-         body: JSON {"image": "<base64 image bytes>"}  or  multipart/form-data with a file field "file" (or "image")
+         body: JSON {"image": "<base64 image bytes>", "indication": "fever, cough"}  or  multipart/form-data with
+         a file field "file" (or "image") and optional text fields
+         indication (optional): the clinical indication, used by models trained with model.indication
          explain (query parameter `?explain=true`, JSON field "explain": true or form field explain=true): the
          response also has "heatmaps": {label: "<base64 PNG>"}, per-finding overlays (medvlm.explain; 422 when the
          model has no DEM)
@@ -81,6 +83,8 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
     async def predict(request: Request) -> dict:
         data, fields = await _image_bytes(request, max_bytes)
         explain = _flag(request.query_params.get("explain"), fields.get("explain"))
+        indication = _indication(fields.get("indication"))
+        extra = {"indications": [indication]} if indication else {}
         kind = upload_kind(data)
         if kind is not None:  # a NIfTI volume or a zip of a DICOM series
             image = await run_in_threadpool(_decode_volume, data, kind, predictor, cfg)
@@ -93,7 +97,7 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
 
         def _run():
             with lock:
-                pred = predictor.predict([image])[0]
+                pred = predictor.predict([image], **extra)[0]
                 return pred, (predictor.explain([image])[0] if explain else None)
 
         pred, explanation = await run_in_threadpool(_run)
@@ -146,6 +150,19 @@ def _encoded_overlays(image, explanation) -> dict[str, str]:
             for name, img in overlays(image, explanation).items()}
 
 
+MAX_INDICATION_CHARS = 1000
+
+
+def _indication(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(422, "field 'indication' must be a string")
+    if len(value) > MAX_INDICATION_CHARS:
+        raise BadRequest(422, f"field 'indication' is longer than {MAX_INDICATION_CHARS} characters")
+    return value.strip() or None
+
+
 async def _image_bytes(request: Request, max_bytes: int) -> tuple[bytes, dict]:
     """(image bytes, the other fields of the body: JSON keys or form text fields)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -173,6 +190,7 @@ def _from_json(body: bytes) -> tuple[bytes, dict]:
         raise BadRequest(422, "missing field 'image' (base64-encoded image bytes)")
     if not isinstance(payload["image"], str):
         raise BadRequest(422, "field 'image' must be a base64 string")
+    indication = _indication(payload.get("indication"))
     try:
         data = base64.b64decode(payload["image"], validate=True)
     except (binascii.Error, ValueError):

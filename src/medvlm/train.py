@@ -44,7 +44,7 @@ from medvlm.chain_metrics import choose_thresholds
 from medvlm.config import Config
 from medvlm.errors import ConfigError, DataError
 from medvlm.features import feature_signature, load_features
-from medvlm.manifest import read_manifest
+from medvlm.manifest import read_manifest, study_indications
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.discrimination import balanced_pos_weight
 from medvlm.model.retrieval import RetrievalIndex, embed
@@ -66,6 +66,7 @@ class TrainData:
     texts: list[str] | None = None  # the reports as written (the retrieval index holds them)
     groups: list[str] | None = None  # split group per study (leave-group-out neighbours)
     contexts: list[str] | None = None  # similar-case prompt text per study (model.retrieval)
+    indications: list[str | None] | None = None  # manifest column `indication`, when model.indication is on
 
 
 def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=None) -> TrainData:
@@ -86,7 +87,9 @@ def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=Non
         from medvlm.data.split import split_group_keys  # here: it brings scikit-learn, needed with retrieval only
 
         groups = split_group_keys(rows, cfg.data.group_by)
-    return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups)
+    indications = study_indications(rows) if cfg.model.indication else None
+    return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups,
+                     indications=indications)
 
 
 def token_weights(reports: list[list[int]], vocab_size: int, strength: float) -> torch.Tensor | None:
@@ -303,7 +306,8 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                         with sync, accelerator.autocast():
                             out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
                                         data.labels[idx], [int(prompts[i]) for i in idx],
-                                        [data.contexts[i] for i in idx] if data.contexts else None)
+                                        [data.contexts[i] for i in idx] if data.contexts else None,
+                                        [data.indications[i] for i in idx] if data.indications is not None else None)
                         accelerator.backward(out["loss"] / cfg.train.grad_accum)
                         for key in sums:
                             if key in out:

@@ -59,6 +59,36 @@ def labels_for(findings: list[dict], label_names: list[str]) -> dict[str, int]:
     return {name: full[name] for name in label_names}
 
 
+# Indications a requesting clinician might write, by the finding that explains them; a normal study gets a
+# screening / rule-out one. INDICATION_NOISE of the studies get one drawn from any finding's list (clinical
+# suspicion is not always right), so an indication is a clue, not the answer.
+INDICATIONS = {
+    "infection": ["fever, cough for {d} days", "fever and productive cough for {d} days",
+                  "suspected pneumonia, SpO2 {s}%", "cough and fever, CRP raised"],
+    "nodule": ["incidental nodule on prior imaging, follow-up", "smoker, {y} pack-years, screening",
+               "weight loss, history of smoking"],
+    "effusion": ["dyspnoea, reduced breath sounds at the base", "heart failure, increasing dyspnoea",
+                 "pleuritic chest pain and dyspnoea"],
+    "fibrosis": ["progressive exertional dyspnoea for {m} months", "dry cough, bibasal crackles",
+                 "known interstitial lung disease, follow-up"],
+    "normal": ["pre-operative assessment", "chest pain, rule out pathology", "routine screening",
+               "trauma, rule out injury"],
+}
+INDICATION_NOISE = 0.2
+
+
+def indication_for(findings: list[dict], rng: np.random.Generator) -> str:
+    """A clinical indication that correlates with the findings (see INDICATIONS)."""
+    present = {f["type"] for f in findings}
+    keys = ([k for k, types in (("infection", INFECTION_TYPES), ("nodule", ("nodule",)), ("effusion", ("effusion",)),
+                                ("fibrosis", ("fibrosis",))) if present & set(types)] or ["normal"])
+    key = str(rng.choice(list(INDICATIONS))) if rng.random() < INDICATION_NOISE else keys[int(rng.integers(len(keys)))]
+    options = INDICATIONS[key]
+    text = options[int(rng.integers(len(options)))]
+    return text.format(d=int(rng.integers(2, 11)), s=int(rng.integers(86, 95)), y=int(rng.integers(15, 60)),
+                       m=int(rng.integers(3, 25)))
+
+
 def sample_volume_study(rng: np.random.Generator, normal: bool) -> list[dict]:
     """Structured findings of one 3-D study; each finding has its own zone (effusions are basal)."""
     if normal:

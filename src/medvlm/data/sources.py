@@ -23,7 +23,7 @@ import pandas as pd
 from medvlm.config import Config
 from medvlm.data.report_labels import KEYWORDS, report_labels  # noqa: F401  (KEYWORDS: re-exported, old import path)
 from medvlm.errors import ConfigError, DataError
-from medvlm.manifest import COLUMNS
+from medvlm.manifest import COLUMNS, INDICATION
 
 LOAD_ERROR = "load_error"
 SPLITS = ("train", "val", "test")
@@ -33,7 +33,9 @@ def load_source(cfg: Config) -> pd.DataFrame:
     manifest = Path(cfg.data.root) / cfg.data.manifest
     loader = _LOADERS[cfg.data.source]
     rows = loader(manifest, cfg)
-    df = pd.DataFrame(rows, columns=[*COLUMNS, LOAD_ERROR])
+    # the optional `indication` column exists only where a source row has one (manifests without it stay unchanged)
+    extra = [INDICATION] if any(INDICATION in r for r in rows) else []
+    df = pd.DataFrame(rows, columns=[*COLUMNS, *extra, LOAD_ERROR])
     if df.empty:
         return df
     df["source_row"] = df["source_row"].astype(int)
@@ -228,6 +230,7 @@ def _generic_row(rec: dict, lineno: int, index: int, errors: list[str], cfg: Con
         seen[base] = count + 1
         study_id = base if count == 0 else f"{base}#{count}"
     split = _blank_to_none(rec.get("split"))
+    indication = _blank_to_none(rec.get("indication"))
     return {
         "study_id": str(study_id),
         "images": images,
@@ -238,6 +241,7 @@ def _generic_row(rec: dict, lineno: int, index: int, errors: list[str], cfg: Con
         "group": str(_blank_to_none(rec.get("group")) or study_id),
         "source_row": _source_row(rec, index),
         LOAD_ERROR: "; ".join(errors) or None,
+        **({"indication": str(indication)} if indication is not None else {}),
     }
 
 

@@ -20,7 +20,8 @@ from medvlm.data.dicom_write import write_dicom_series
 from medvlm.data.phantom import render_slice
 from medvlm.data.phantom3d import CHEST_MM, FOV_MM, finding_slices, render_volume
 from medvlm.data.phantom_report import write_report
-from medvlm.data.phantom_study import LABELS, Scanner, labels_for, sample_study, sample_volume_study
+from medvlm.data.phantom_study import (LABELS, Scanner, indication_for, labels_for, sample_study,
+                                       sample_volume_study)
 from medvlm.errors import ConfigError
 
 PNG_COMPRESS_LEVEL = 3  # zlib level: ~4x faster than Pillow's default 6 for ~10% larger files
@@ -86,6 +87,8 @@ def _write_slice_batch(out_dir: Path, prefix: str, n: int, normal_fraction: floa
                          report=write_report(findings, np.random.default_rng([s.seed, stream, i, 2])),
                          labels=labels, findings=findings, slice_level=level, render_seed=seed,
                          group=name, source_row=i))
+        if s.indications:  # off by default: the default data set (and every number made from it) stays the same
+            rows[-1]["indication"] = indication_for(findings, np.random.default_rng([s.seed, stream, i, 3]))
     tmp = out_dir / "annotation.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out_dir / "annotation.jsonl")
@@ -139,6 +142,8 @@ def _write_volume_batch(out_dir: Path, prefix: str, n: int, normal_fraction: flo
                          labels=labels, findings=findings,
                          finding_slices=[[span.start, span.stop] for span in (finding_slices(f, n_slices) for f in findings)],
                          render_seed=seed, group=name, source_row=i))
+        if s.indications:
+            rows[-1]["indication"] = indication_for(findings, np.random.default_rng([s.seed, stream, i, 3]))
     tmp = out_dir / "annotation.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out_dir / "annotation.jsonl")

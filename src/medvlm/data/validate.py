@@ -28,7 +28,7 @@ from medvlm.data.images import combine_digests, file_sha256, probe_image, resolv
 from medvlm.data.sources import LOAD_ERROR, SPLITS, load_source
 from medvlm.data.volumes import is_volume_path, probe_volume
 from medvlm.errors import DataError, ImageDecodeError, ValidationFailed
-from medvlm.manifest import COLUMNS, write_manifest
+from medvlm.manifest import COLUMNS, INDICATION, write_manifest
 
 VALIDATED = "validated.jsonl"
 QUARANTINE = "quarantine.csv"
@@ -71,7 +71,8 @@ def run_validation(cfg: Config) -> dict:
         raise ValidationFailed(f"{manifest}: {rows_in} rows in but {len(kept)} kept + {len(quarantine)} quarantined")
 
     out_manifest = Path(vcfg.manifest_dir)
-    write_manifest(kept[[*COLUMNS, "image_hash"]], out_manifest / VALIDATED)
+    extra = [INDICATION] if INDICATION in kept.columns else []  # optional column, kept where the source has it
+    write_manifest(kept[[*COLUMNS, *extra, "image_hash"]], out_manifest / VALIDATED)
     quarantine.to_csv(out_manifest / QUARANTINE, index=False)
     reason_counts: dict[str, int] = {}
     for row_reasons in reasons.values():

@@ -15,13 +15,15 @@ import importlib.util
 import os
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medvlm.config import ModelConfig
 from medvlm.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: inference (model/runtime.py) runs without it
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_LMS = {
     # name -> (python package carrying the file, GGUF file name)
@@ -48,6 +50,9 @@ def _builtin_gguf(name: str) -> Path:
 
 def _convert_gguf(name: str, target: Path) -> None:
     """GGUF -> safetensors + config + tokenizer, once. save_pretrained refuses GGUF-quantised configs."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     gguf = _builtin_gguf(name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -77,6 +82,9 @@ def resolve_lm_path(name: str) -> Path | str:
 
 def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the LM and its tokenizer, truncated to cfg.lm_layers decoder layers."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     path = resolve_lm_path(cfg.lm)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -119,6 +127,20 @@ def _layer_index(key: str) -> int | None:
         if i + 1 < len(parts) and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
+
+
+def load_runtime_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """The LM for inference without transformers (model/runtime.py), or None when this LM needs transformers."""
+    from medvlm.model import runtime
+
+    path = resolve_lm_path(cfg.lm)
+    path = Path(path).expanduser() if isinstance(path, str) and Path(path).expanduser().is_dir() else path
+    if not runtime.supported(path):
+        return None
+    total = int((runtime._lm_config(path) or {}).get("num_hidden_layers", 0))
+    if cfg.lm_layers > total:
+        raise ConfigError(f"model.lm_layers={cfg.lm_layers} but {cfg.lm} has only {total} decoder layers")
+    return runtime.load_lm(path, cfg.lm_layers, dtype)
 
 
 def decoder_layers(lm: PreTrainedModel) -> torch.nn.ModuleList:

@@ -20,7 +20,7 @@ from medvlm.errors import ModelError
 from medvlm.model.clues import DiseaseClues
 from medvlm.model.discrimination import DiscriminationModule, discrimination_loss
 from medvlm.model.encoder import VisionEncoder, view_tokens
-from medvlm.model.lm import load_lm
+from medvlm.model.lm import load_lm, load_runtime_lm
 from medvlm.model.prompt import PromptLayout
 from medvlm.model.qformer import QFormerBridge
 from medvlm.model.retrieval import embed
@@ -29,11 +29,19 @@ from medvlm.model.vision import build_vision
 
 
 class MedVLM(nn.Module):
-    def __init__(self, cfg: Config, strategy: str, vision: VisionEncoder | None = None, lm=None, tokenizer=None):
+    def __init__(self, cfg: Config, strategy: str, vision: VisionEncoder | None = None, lm=None, tokenizer=None,
+                 runtime: bool = False):
+        """runtime=True (inference): the LM, Q-Former, adapters and tokenizer are model/runtime.py's plain-torch
+        twins when the LM allows it (a local Llama-family folder), so nothing imports transformers; same weights."""
         super().__init__()
         check_strategy(cfg, strategy)
         self.cfg, self.strategy = cfg, strategy
         self.vision = vision if vision is not None else build_vision(cfg)
+        self.runtime = False
+        if lm is None and runtime:
+            loaded = load_runtime_lm(cfg.model)
+            if loaded is not None:
+                (lm, tokenizer), self.runtime = loaded, True
         if lm is None:
             lm, tokenizer = load_lm(cfg.model)
         self.lm, self.tokenizer = lm, tokenizer
@@ -50,7 +58,7 @@ class MedVLM(nn.Module):
                       if cfg.model.clues else None)
         # whether the label logits are trained (DEM or the clue module's classifier) rather than zero-shot
         self.supervised_logits = self.dem is not None or (self.clues is not None and self.clues.classifier is not None)
-        self.bridge = QFormerBridge(cfg.model, width, lm_width)
+        self.bridge = QFormerBridge(cfg.model, width, lm_width, runtime=self.runtime)
         # retrieval-augmented generation: a frozen copy of the *pretrained* tail embeds images for the index, which
         # training (train.py) or Predictor.load fills from the training split
         self.retrieval_tail = copy.deepcopy(self.vision.tail).requires_grad_(False) if cfg.model.retrieval.enabled else None
@@ -60,7 +68,7 @@ class MedVLM(nn.Module):
         self.prefix = None
         self.output_vocab: list[int] | None = None
         self.vocab_ids = self.vocab_lookup = None
-        apply_strategy(self, cfg, strategy)
+        apply_strategy(self, cfg, strategy, runtime=self.runtime)
         self.vision.trunk.requires_grad_(False)
         self.vision.tail.requires_grad_(cfg.model.tune_vision_blocks > 0)
         # What this strategy trains and saves. A training stage may switch part of it off for a while
@@ -91,20 +99,21 @@ class MedVLM(nn.Module):
         return queries, logits
 
     def post_ids(self, prompt_index: list[int], logits: torch.Tensor | None, labels: torch.Tensor | None = None,
-                 contexts: list[str] | None = None) -> list[list[int]]:
-        """Per-sample prompt ids after the soft tokens: the prompt, the similar cases (`contexts`, model.retrieval)
-        and, with model.prior_prompt, the findings. By default (prior_source predicted) the *predicted* ones, in
-        training too, so the input looks as it will at test time. prior_source labels: in training the true
-        findings (`labels`), so the LM learns to write what is listed; at test time (no labels) the classifier
-        fills the list, cut at its per-label thresholds."""
+                 contexts: list[str] | None = None, indications: list[str | None] | None = None) -> list[list[int]]:
+        """Per-sample prompt ids after the soft tokens: the prompt, the clinical indication (model.indication), the
+        similar cases (`contexts`, model.retrieval) and, with model.prior_prompt, the findings. By default
+        (prior_source predicted) the *predicted* ones, in training too, so the input looks as it will at test time.
+        prior_source labels: in training the true findings (`labels`), so the LM learns to write what is listed; at
+        test time (no labels) the classifier fills the list, cut at its per-label thresholds."""
         contexts = contexts or [None] * len(prompt_index)
+        indications = indications if indications is not None else [None] * len(prompt_index)
         if not self.layout.prior:
-            return [self.layout.post_ids(p, None, c) for p, c in zip(prompt_index, contexts)]
+            return [self.layout.post_ids(p, None, c, i) for p, c, i in zip(prompt_index, contexts, indications)]
         if labels is not None and self.cfg.model.prior_source == "labels":
             rows = labels.float().cpu().tolist()
         else:
             rows = torch.sigmoid(logits.detach().float()).cpu().tolist()
-        return [self.layout.post_ids(p, row, c) for p, row, c in zip(prompt_index, rows, contexts)]
+        return [self.layout.post_ids(p, row, c, i) for p, row, c, i in zip(prompt_index, rows, contexts, indications)]
 
     def retrieval_contexts(self, trunk_features: torch.Tensor) -> tuple[list[str] | None, list[list] | None]:
         """(prompt text, neighbours) per sample from the saved retrieval index (model.retrieval); (None, None) off."""
@@ -116,6 +125,19 @@ class MedVLM(nn.Module):
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
         return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype):
+        """The decoder's KV cache for generation: the prefix (P-Tuning v2) pre-filled, else empty."""
+        cache = self.prefix_cache(batch_size, dtype)
+        if cache is not None:
+            return cache
+        if self.runtime:
+            from medvlm.model.runtime import KVCache
+
+            return KVCache()
+        from transformers import DynamicCache
+
+        return DynamicCache()
 
     def prefix_length(self) -> int:
         return self.prefix.length if self.prefix is not None else 0
@@ -166,16 +188,18 @@ class MedVLM(nn.Module):
 
     # ---- training forward --------------------------------------------------------------------------------------
     def forward(self, trunk_features: torch.Tensor, reports: list[list[int]], labels: torch.Tensor | None = None,
-                prompt_index: list[int] | None = None, contexts: list[str] | None = None) -> dict[str, torch.Tensor]:
+                prompt_index: list[int] | None = None, contexts: list[str] | None = None,
+                indications: list[str | None] | None = None) -> dict[str, torch.Tensor]:
         """Loss of a batch. `reports` are token ids from layout.encode_report; `labels` (B, K) 0/1; `contexts`
-        the similar-case text per sample (model.retrieval; training passes leave-group-out neighbours)."""
+        the similar-case text per sample (model.retrieval; training passes leave-group-out neighbours);
+        `indications` the studies' clinical indications (used with model.indication)."""
         queries, logits = self.visual_queries(trunk_features)
         batch, n_query, _ = queries.shape
         device = queries.device
         pre = self.layout.pre
         prompt_index = prompt_index or [0] * batch
         # Per-sample token ids after the soft tokens: prompt tail, then the report (right padded).
-        posts = self.post_ids(prompt_index, logits, labels if self.training else None, contexts)
+        posts = self.post_ids(prompt_index, logits, labels if self.training else None, contexts, indications)
         tails = [post + r for post, r in zip(posts, reports)]
         length = len(pre) + n_query + max(len(t) for t in tails)
         ids = torch.full((batch, length), self.layout.pad, dtype=torch.long)

@@ -18,6 +18,14 @@ _QUERY_MARK = "\x00QUERIES\x00"
 _PRIOR_MARK = "\x00PRIOR\x00"
 
 
+def indication_text(indication) -> str:
+    """ "Indication: fever, cough for 5 days." for a study's indication; "" when it has none."""
+    if indication is None or (isinstance(indication, float) and indication != indication):  # None / NaN
+        return ""
+    text = " ".join(str(indication).split()).rstrip(".")
+    return f"Indication: {text}." if text else ""
+
+
 def prior_knowledge_text(probs: Sequence[float], label_names: Sequence[str], threshold: float | Sequence[float],
                          with_probabilities: bool = True) -> str:
     """ClinicalBLIP-style prior: findings above `threshold` (one for all labels or one per label), most probable
@@ -42,6 +50,7 @@ class PromptLayout:
         self.bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else self.eos
         self.max_report_tokens = cfg.model.max_report_tokens
         self.prior = cfg.model.prior_prompt
+        self.indication = cfg.model.indication
         self.label_names, self.threshold = list(cfg.data.label_names), cfg.model.prior_threshold
         # prior_source labels: names only (training lists the true findings, which carry no probability)
         self.prior_probabilities = cfg.model.prior_source == "predicted"
@@ -63,10 +72,13 @@ class PromptLayout:
             self._post_texts.append(after.split(_PRIOR_MARK))
         self.pre = pres[0]
 
-    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None, context: str | None = None) -> list[int]:
-        """Ids after the soft tokens. With the prior prompt on, `probs` (one per label) add the predicted findings;
-        `context` (retrieval-augmented generation: the similar cases) comes before them."""
-        parts = [context] if context else []
+    def post_ids(self, prompt_index: int, probs: Sequence[float] | None = None, context: str | None = None,
+                 indication: str | None = None) -> list[int]:
+        """Ids after the soft tokens. With model.indication on, the study's `indication` (if it has one) comes first:
+        "Indication: ..."; then `context` (retrieval-augmented generation: the similar cases); then, with the prior
+        prompt on, the findings of `probs` (one per label). With none of them the ids are the fixed ones of the prompt."""
+        told = indication_text(indication) if self.indication else ""
+        parts = [x for x in (told, context) if x]
         if self.prior:
             if probs is None:
                 raise ConfigError("model.prior_prompt is on but no predicted probabilities reached the prompt")

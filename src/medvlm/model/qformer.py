@@ -8,26 +8,35 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
 from medvlm.config import ModelConfig
 
 
 class QFormerBridge(nn.Module):
-    def __init__(self, cfg: ModelConfig, visual_width: int, lm_width: int):
+    def __init__(self, cfg: ModelConfig, visual_width: int, lm_width: int, runtime: bool = False):
         super().__init__()
-        config = Blip2QFormerConfig(
-            hidden_size=cfg.qformer_hidden,
-            num_hidden_layers=cfg.qformer_layers,
-            num_attention_heads=cfg.qformer_heads,
-            intermediate_size=4 * cfg.qformer_hidden,
-            encoder_hidden_size=visual_width,
-            cross_attention_frequency=1,
-            hidden_dropout_prob=cfg.qformer_dropout,
-            attention_probs_dropout_prob=cfg.qformer_dropout,
-        )
-        self.qformer = Blip2QFormerModel(config)
-        self.queries = nn.Parameter(torch.randn(1, cfg.qformer_queries, cfg.qformer_hidden) * config.initializer_range)
+        if runtime:  # inference: the same module and parameter names in plain torch (model/runtime.py)
+            from medvlm.model.runtime import QFormer
+
+            self.qformer = QFormer(cfg.qformer_hidden, cfg.qformer_layers, cfg.qformer_heads, 4 * cfg.qformer_hidden,
+                                   visual_width)
+            initializer_range = 0.02
+        else:
+            from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+            config = Blip2QFormerConfig(
+                hidden_size=cfg.qformer_hidden,
+                num_hidden_layers=cfg.qformer_layers,
+                num_attention_heads=cfg.qformer_heads,
+                intermediate_size=4 * cfg.qformer_hidden,
+                encoder_hidden_size=visual_width,
+                cross_attention_frequency=1,
+                hidden_dropout_prob=cfg.qformer_dropout,
+                attention_probs_dropout_prob=cfg.qformer_dropout,
+            )
+            self.qformer = Blip2QFormerModel(config)
+            initializer_range = config.initializer_range
+        self.queries = nn.Parameter(torch.randn(1, cfg.qformer_queries, cfg.qformer_hidden) * initializer_range)
         self.proj = nn.Linear(cfg.qformer_hidden, lm_width)
 
     def forward(self, visual_tokens: torch.Tensor) -> torch.Tensor:

@@ -11,15 +11,17 @@ or size fails at start.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from peft import LoraConfig, PrefixTuningConfig, inject_adapter_in_model
-from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
 
 from medvlm.config import Config
 from medvlm.errors import ConfigError, ModelError
 from medvlm.model.lm import decoder_layers, kv_geometry
+
+if TYPE_CHECKING:  # peft / transformers are imported where used: inference runs on model/runtime.py without them
+    from transformers import DynamicCache, PreTrainedModel
 
 STRATEGIES = ("freeze", "lora", "ptuning_v2")
 
@@ -44,6 +46,9 @@ class PrefixKV(nn.Module):
 
     def __init__(self, lm: PreTrainedModel, num_virtual_tokens: int, projection: bool = False):
         super().__init__()
+        from peft import PrefixTuningConfig
+        from peft.tuners.prefix_tuning import PrefixEncoder
+
         layers, kv_heads, head_dim = kv_geometry(lm)
         self.layers, self.kv_heads, self.head_dim, self.length = layers, kv_heads, head_dim, num_virtual_tokens
         self.peft_config = PrefixTuningConfig(
@@ -61,16 +66,30 @@ class PrefixKV(nn.Module):
         self.register_buffer("tokens", torch.arange(num_virtual_tokens), persistent=False)
 
     def cache(self, batch_size: int, dtype: torch.dtype) -> DynamicCache:
+        from transformers import DynamicCache
+
         kv = self.encoder(self.tokens.unsqueeze(0)).to(dtype)  # (1, P, layers*2*kv_heads*head_dim)
         kv = kv.view(1, self.length, self.layers * 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         kv = kv.expand(-1, batch_size, -1, -1, -1)  # (layers*2, B, kv_heads, P, head_dim)
         return DynamicCache(ddp_cache_data=[(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
 
 
-def apply_strategy(model: nn.Module, cfg: Config, strategy: str) -> None:
-    """Set requires_grad (and add adapters / prefixes) on an assembled MedVLM `model` for `strategy`."""
+def apply_strategy(model: nn.Module, cfg: Config, strategy: str, runtime: bool = False) -> None:
+    """Set requires_grad (and add adapters / prefixes) on an assembled MedVLM `model` for `strategy`.
+
+    runtime: the LM is model/runtime.py's LlamaLM (inference): the same adapters and prefixes, in plain torch."""
     check_strategy(cfg, strategy)
     lm = model.lm
+    if runtime and strategy in ("lora", "ptuning_v2"):
+        from medvlm.model import runtime as rt
+
+        lm.requires_grad_(False)
+        if strategy == "lora":
+            lora = cfg.train.lora
+            rt.inject_lora(lm, list(lora.target_modules), lora.r, lora.alpha)
+        else:
+            model.prefix = rt.PrefixKV(lm, cfg.train.ptuning_v2.num_virtual_tokens, cfg.train.ptuning_v2.prefix_projection)
+        return
     lm.requires_grad_(False)
     if strategy == "freeze":
         layers = decoder_layers(lm)
@@ -81,6 +100,8 @@ def apply_strategy(model: nn.Module, cfg: Config, strategy: str) -> None:
                 )
             layers[index].requires_grad_(True)
     elif strategy == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
         lora = cfg.train.lora
         peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                  target_modules=list(lora.target_modules))
