@@ -65,12 +65,12 @@ lock:
 
 # Ablation: the best strategy re-trained with one switch flipped, each variant's models, checkpoints and reports in
 # runs/ablation/<variant>/ (`--out-root`; the default pipeline's outputs are untouched; pretrain-vision only writes
-# its marker unless pretrain.enabled). ~4 min per variant on 2 cores.
+# its marker unless pretrain.enabled); a variant's settings are comma-separated. ~8 min per variant on 2 cores.
 ABLATION_STRATEGY ?= freeze
-ABLATIONS ?= no_discrimination:model.discrimination=false no_prompt:model.prompt_template=false clues:model.clues=true prior_prompt:model.prior_prompt=true
+ABLATIONS ?= no_discrimination:model.discrimination=false,model.prior_prompt=false no_prompt:model.prompt_template=false clues:model.clues=true no_prior_prompt:model.prior_prompt=false
 ablation: install
 	for v in $(ABLATIONS); do name=$${v%%:*}; set=$${v#*:}; \
-	  opts="-S $$set --out-root runs/ablation/$$name"; \
+	  opts="-S $${set//,/ -S } --out-root runs/ablation/$$name"; \
 	  medvlm $$opts pretrain-vision >/dev/null && medvlm $$opts train --strategy $(ABLATION_STRATEGY) >/dev/null && \
 	  medvlm $$opts evaluate $(ABLATION_STRATEGY) >/dev/null || exit 1; \
 	done

@@ -19,7 +19,7 @@ def test_repo_params_and_profiles_load():
 
 
 def test_override_sets_nested_value():
-    cfg = load_config(REPO / "params.yaml", overrides=["train.lora.r=4", "model.discrimination=false"])
+    cfg = load_config(REPO / "params.yaml", overrides=["train.lora.r=4", "model.discrimination=false", "model.prior_prompt=false"])
     assert cfg.train.lora.r == 4 and cfg.model.discrimination is False
 
 

@@ -16,7 +16,7 @@ def _cfg(tmp_path, **experiment):
         "train": {"strategies": ["freeze", "lora"]},
         "evaluate": {"baselines": ["consensus"]},
         "experiment": {"name": "t", "out_root": str(tmp_path), "seeds": [0, 1],
-                       "ablations": {"no_disc": {"model.discrimination": False},
+                       "ablations": {"no_disc": {"model.discrimination": False, "model.prior_prompt": False},
                                      "no_prompt": {"model.prompt_template": False}},
                        "ablation_strategies": ["freeze"], **experiment},
     })

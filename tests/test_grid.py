@@ -21,7 +21,7 @@ def _cfg(tmp_path, name, **experiment):
         "train": {"strategies": ["freeze", "lora"]},
         "register": {"tracking_uri": "none"},
         "experiment": {"name": name, "out_root": str(tmp_path), "seeds": [0, 1], "baselines": [],
-                       "ablations": {"no_disc": {"model.discrimination": False}}, "ablation_strategies": ["freeze"],
+                       "ablations": {"no_disc": {"model.discrimination": False, "model.prior_prompt": False}}, "ablation_strategies": ["freeze"],
                        **experiment},
     })
     root = xc.experiment_root(cfg)  # the shared stages count as done: the cells are what is tested here

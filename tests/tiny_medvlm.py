@@ -64,7 +64,9 @@ def tiny_config(tmp: Path, **sections):
         "features": {"image_size": 64, "batch_size": 4, "out_dir": str(tmp / "features")},
         "model": {"lm": str(lm_dir), "lm_layers": 0, "qformer_hidden": 32, "qformer_layers": 1, "qformer_heads": 2,
                   "qformer_queries": 4, "label_embed_dim": 8, "max_report_tokens": 16, "tune_vision_blocks": 1,
-                  "prompts": PROMPTS, "system_prompt": "you are a radiologist ."},
+                  "prompts": PROMPTS, "system_prompt": "you are a radiologist .",
+                  # the plain prompt and an unweighted classifier: tests of the prior prompt turn it on themselves
+                  "prior_prompt": False, "prior_source": "predicted", "disc_pos_weight_max": 0.0},
         "train": {"epochs": 2, "batch_size": 2, "lr": 1e-3, "lm_lr": 1e-3, "checkpoint_every": 2, "log_every": 1,
                   "out_dir": str(tmp / "models"), "checkpoint_dir": str(tmp / "checkpoints"),
                   "freeze": {"trainable_lm_layers": [-1]}, "lora": {"r": 2, "alpha": 4, "dropout": 0.1,

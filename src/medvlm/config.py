@@ -179,7 +179,8 @@ class ModelConfig(_Section):
             raise ValueError("model.clues is on but clue_interaction and clue_tokens are both off: "
                              "the clues would go nowhere")
         if self.prior_prompt and not (self.discrimination or self.clues):
-            raise ValueError("model.prior_prompt needs predicted findings: turn on model.discrimination or model.clues")
+            raise ValueError("model.prior_prompt needs predicted findings: turn on model.discrimination or model.clues, "
+                             "or set model.prior_prompt=false")
         return self
 
 
