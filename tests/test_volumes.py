@@ -102,3 +102,15 @@ def test_nifti_orientation_hu_window_and_guards(tmp_path):
     (tmp_path / "broken.nii").write_bytes(b"not nifti at all" * 30)
     with pytest.raises(VolumeError, match=r"broken\.nii: not a readable NIfTI file"):
         probe_volume(tmp_path / "broken.nii", NATIVE)
+
+
+def test_loading_logs_no_gpu_decoder_warning(tmp_path, caplog):
+    """MONAI's LoadImage builds every reader it knows, and its GPU DICOM decoder warns once per volume that no GPU
+    decoder is there: hundreds of identical lines in a features run on a CPU machine."""
+    import logging
+
+    hu = _phantom()
+    write_dicom_series(tmp_path / "s", hu, (0.7, 0.8, 2.5), names=_shuffled_names(6), slope=2.0, intercept=-1024.0)
+    with caplog.at_level(logging.WARNING):
+        load_volume(tmp_path / "s", NATIVE)
+    assert not [r for r in caplog.records if "nvImageCodec" in r.getMessage()]

@@ -14,6 +14,7 @@ one line naming the file (VolumeError, so validation quarantines the row with th
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
 from dataclasses import dataclass
@@ -232,9 +233,12 @@ def _load_native(path: Path, vcfg: VolumeConfig):
         series = inspect_series(path, max_voxels=vcfg.max_voxels, spacing_tolerance=vcfg.spacing_tolerance)
     else:
         _check_header_voxels(path, fmt, vcfg.max_voxels)
+    # LoadImage builds every reader MONAI knows; its GPU DICOM decoder logs (and warns) on each volume that it has
+    # no GPU here. The CPU readers above do the work, so that line is noise.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*nvImageCodec", category=UserWarning)  # no GPU decoder here
+            warnings.filterwarnings("ignore", message=".*nvImageCodec", category=UserWarning)
             chain = Compose([
                 LoadImage(reader=_reader(path, fmt, vcfg, series), image_only=True, dtype=np.float32),
                 EnsureChannelFirst(),
