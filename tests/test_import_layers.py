@@ -1,9 +1,5 @@
-"""Import layers of src/medvlm, read with `ast` (nothing is imported).
-
-Every `import` / `from ... import` counts, at module level and inside functions alike: a function-local import
-still ties the two modules together (it only defers the cost). Relative imports are resolved. An import of
-`medvlm.x.y` is an edge to module medvlm.x.y when that module exists, else to the package it names; `from
-medvlm.x import y` is an edge to medvlm.x.y when y is a submodule, else to medvlm.x.
+"""Import layers of src/medvlm, read with `ast` (nothing is imported); the graph and what counts as an import
+are in import_graph.py.
 
 Checked: (a) the graph of medvlm-internal imports has no cycle; (b) medvlm.model.* imports nothing of medvlm
 outside medvlm.model except medvlm.errors and medvlm.config; (c) the core modules import only one another.
@@ -11,70 +7,13 @@ outside medvlm.model except medvlm.errors and medvlm.config; (c) the core module
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-PACKAGE = "medvlm"
+from import_graph import graph as _graph
 
 # medvlm.config stays allowed below medvlm.model: the model builders take the typed settings
 # (ModelConfig, Config) that config.py defines, and config.py itself sits on errors only.
 MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config"}
 # The bottom layer: settings, errors, paths and the manifest format. They may use one another, nothing else.
 CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.paths", "medvlm.env"}
-
-
-def _modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every module and package under src/medvlm."""
-    found = {}
-    for path in sorted((SRC / PACKAGE).rglob("*.py")):
-        parts = list(path.relative_to(SRC).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts = parts[:-1]
-        found[".".join(parts)] = path
-    return found
-
-
-def _resolve(name: str, modules: dict[str, Path]) -> str | None:
-    """The deepest existing medvlm module `name` refers to (medvlm.x.y -> medvlm.x.y, else medvlm.x, ...)."""
-    parts = name.split(".")
-    while parts:
-        candidate = ".".join(parts)
-        if candidate in modules:
-            return candidate
-        parts.pop()
-    return None
-
-
-def _imports(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """medvlm modules that `module` imports anywhere in its file."""
-    is_package = path.name == "__init__.py"
-    package_parts = module.split(".") if is_package else module.split(".")[:-1]
-    targets: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name == PACKAGE or alias.name.startswith(PACKAGE + "."):
-                    targets.add(_resolve(alias.name, modules))
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package_parts[: len(package_parts) - (node.level - 1)]
-                origin = ".".join(base + ([node.module] if node.module else []))
-            else:
-                origin = node.module or ""
-            if origin != PACKAGE and not origin.startswith(PACKAGE + "."):
-                continue
-            for alias in node.names:
-                # `from medvlm.model import vision` names a submodule; `from medvlm.model import X` a package member
-                targets.add(_resolve(f"{origin}.{alias.name}", modules))
-    targets.discard(None)
-    targets.discard(module)
-    return targets
-
-
-def _graph() -> dict[str, set[str]]:
-    modules = _modules()
-    return {name: _imports(name, path, modules) for name, path in modules.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
