@@ -11,9 +11,9 @@ from import_graph import graph as _graph
 
 # medvlm.config stays allowed below medvlm.model: the model builders take the typed settings
 # (ModelConfig, Config) that config.py defines, and config.py itself sits on errors only.
-MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config"}
+MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config", "medvlm.config_sections"}
 # The bottom layer: settings, errors, paths and the manifest format. They may use one another, nothing else.
-CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.paths", "medvlm.env"}
+CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.config_sections", "medvlm.paths", "medvlm.env"}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
