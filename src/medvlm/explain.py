@@ -21,6 +21,7 @@ the region's share of the image (or of the lungs).
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import re
@@ -196,6 +197,12 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 def overlays(image: Image.Image, explanation: Explanation) -> dict[str, Image.Image]:
     """label -> overlay image of that label's map."""
     return {name: overlay(image, m) for name, m in zip(explanation.label_names, explanation.maps)}
+
+
+def encoded_overlays(image: Image.Image, explanation: Explanation) -> dict[str, str]:
+    """label -> base64 PNG of that label's overlay: what the REST server and the MLflow pyfunc return."""
+    return {name: base64.b64encode(encode(img, "PNG")).decode("ascii")
+            for name, img in overlays(image, explanation).items()}
 
 
 def safe_name(text: str) -> str:
