@@ -212,6 +212,44 @@ def test_rest_explain_returns_base64_overlays(trained, tmp_path):
     assert r.status_code == 422 and "cannot produce heatmaps" in r.json()["error"]
 
 
+def test_pyfunc_explain_param_returns_base64_overlays(trained, tmp_path):
+    """The MLflow model: params={"explain": True} adds a heatmaps column, {label: base64 PNG} per row, the same
+    overlays as the REST server; a model without DEM stops with one line."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from medvlm.explain import encoded_overlays
+    from medvlm.model.medvlm import MedVLM
+    from medvlm.pyfunc_model import ARTIFACT_KEY, MedVLMPyfunc, model_signature
+
+    cfg, predictor, tmp = trained
+    saved = tmp_path / "pyfunc"
+    mlflow.pyfunc.save_model(str(saved), python_model=MedVLMPyfunc(LABELS),
+                             artifacts={ARTIFACT_KEY: str(tmp / "models" / "freeze")},
+                             signature=model_signature(LABELS), pip_requirements=[])
+    model = mlflow.pyfunc.load_model(str(saved))
+    buf = io.BytesIO()
+    _phantom(1).resize((96, 80)).save(buf, format="PNG")
+    frame = pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
+    assert "heatmaps" not in model.predict(frame).columns
+    out = model.predict(frame, params={"explain": True})
+    maps = out.loc[0, "heatmaps"]
+    assert set(maps) == set(LABELS) and out.loc[0, "report"]
+    img = Image.open(io.BytesIO(base64.b64decode(maps["effusion"])))
+    assert img.format == "PNG" and img.size == (96, 80)
+    image = Image.open(io.BytesIO(buf.getvalue()))
+    assert maps == encoded_overlays(image, predictor.explain([image])[0])  # what REST returns for this image
+
+    no_dem_cfg = tiny_config(tmp_path, model={"discrimination": False}, features={"image_size": SIZE})
+    no_dem = MedVLMPyfunc(LABELS)
+    no_dem._predictor = Predictor(MedVLM(no_dem_cfg, "freeze"), no_dem_cfg, {"label_names": LABELS, "strategy": "freeze"})
+    with pytest.raises(ModelError, match="no DEM") as err:
+        no_dem.predict(None, frame, params={"explain": True})
+    assert "\n" not in str(err.value)
+    with pytest.raises(ModelError, match="must be true or false"):
+        no_dem.predict(None, frame, params={"explain": "maybe"})
+
+
 def test_phantom_hit_rates_report_per_label_and_skip_images_they_cannot_redraw(trained):
     cfg, predictor, tmp = trained
     rows = [json.loads(line) for line in (tmp / "split" / "test.jsonl").read_text().splitlines()]

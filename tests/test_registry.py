@@ -104,11 +104,17 @@ def test_pyfunc_predict_on_fake(lifecycle, tmp_path):
     root, cfg, _ = lifecycle
     model = mlflow.pyfunc.load_model("models:/medvlm@champion")
     png = write_png(tmp_path / "a.png", value=200)
-    out = model.predict(pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]}))
+    frame = pd.DataFrame({"image": [base64.b64encode(png.read_bytes()).decode()]})
+    out = model.predict(frame)
     assert list(out.columns) == ["report", "prob_pneumonia", "prob_nodule"]
     assert "consolidation" in out.loc[0, "report"] and out.loc[0, "prob_nodule"] > 0.8
     sig = model.metadata.signature
     assert sig.inputs.input_names() == ["image"]
+    assert sig.params.to_dict() == [{"name": "explain", "type": "boolean", "default": False, "shape": None}]
+    # the param reaches the wrapper (MLflow drops undeclared ones): the fake has nothing to explain, one line
+    with pytest.raises(ModelError, match="cannot produce heatmaps") as err:
+        model.predict(frame, params={"explain": True})
+    assert "\n" not in str(err.value)
 
 
 def test_worse_is_not_promoted_better_is_and_repeats_change_nothing(lifecycle):

@@ -24,6 +24,7 @@ from medvlm.errors import DataError, EvaluationError
 from medvlm.eval_units import evaluation_units
 from medvlm.manifest import read_manifest
 from medvlm.metrics import preprocess
+from medvlm.progress import StageProgress
 
 
 def _splits(cfg: Config) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -76,12 +77,13 @@ def oracle(cfg: Config) -> tuple[list[dict], dict]:
     smooth = SmoothingFunction().method1
     units = evaluation_units(test)
     best_for_unit = {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), StageProgress("oracle: best training report", len(units)) as bar:
         warnings.simplefilter("ignore")  # nltk warns about zero n-gram overlaps
         for unit in units:
             refs = [r.split() for r in preprocess(unit["references"], convention)]
             scores = {k: sentence_bleu(refs, tokens, smoothing_function=smooth) for k, (tokens, _) in unique.items()}
             best_for_unit[unit["unit_id"]] = unique[max(scores, key=scores.get)][1]
+            bar.advance()
     row_unit = {r: u["unit_id"] for u in units for r in u["row_ids"]}
     texts = [best_for_unit[row_unit[str(sid)]] for sid in test["study_id"]]
     return _rows(test, texts), {"kind": "baseline (ceiling: looks at the references)"}

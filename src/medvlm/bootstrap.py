@@ -25,6 +25,7 @@ import numpy as np
 from scipy import sparse
 
 from medvlm.metrics import clinical_efficacy
+from medvlm.progress import Advance, unwatched
 
 MetricFamily = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -198,11 +199,13 @@ def bootstrap_intervals(
     seed: int,
     confidence: float,
     batch: int = 100,
+    advance: Advance = unwatched,
 ) -> dict[str, dict[str, float | None]]:
     """Percentile CIs: {metric: {"value": point estimate, "ci_low", "ci_high", "n_resamples"}}.
 
     Resamples draw n studies with replacement (seeded, so a seed gives the same intervals). A metric undefined in
-    some resamples (AUROC with one class) uses the resamples where it is defined and says how many.
+    some resamples (AUROC with one class) uses the resamples where it is defined and says how many. `advance`
+    hears of every batch of resamples scored.
     """
     rng = np.random.default_rng(seed)
     draws: dict[str, list[np.ndarray]] = {}
@@ -211,6 +214,7 @@ def bootstrap_intervals(
         for family in families:
             for name, values in family(counts).items():
                 draws.setdefault(name, []).append(np.asarray(values, dtype=float))
+        advance(len(counts))
     alpha = (1.0 - confidence) / 2.0
     out: dict[str, dict[str, float | None]] = {}
     for name, chunks in draws.items():

@@ -7,6 +7,7 @@ cleaned training reports (evaluate.preprocessing), rare ones (< min_word_count) 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import nn
 from medvlm.config import Config
 from medvlm.data.images import load_images_for_study
 from medvlm.metrics import preprocess
+from medvlm.progress import Advance, StageProgress, unwatched
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
@@ -47,12 +49,13 @@ class CnnTransformer(nn.Module):
         return self.out(self.decoder(x, memory, tgt_mask=causal))
 
 
-def _images(cfg: Config, rows: pd.DataFrame, size: int) -> torch.Tensor:
+def _images(cfg: Config, rows: pd.DataFrame, size: int, advance: Advance = unwatched) -> torch.Tensor:
     root = Path(cfg.data.root)
     arrays = []
     for rel in rows["images"]:
         img = load_images_for_study(root, list(rel))[0].resize((size, size))  # first view
         arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+        advance(1)
     x = torch.from_numpy(np.stack(arrays))[:, None]
     return (x - 0.5) / 0.25
 
@@ -71,43 +74,54 @@ def train_and_generate(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> 
     for i, ws in enumerate(words):
         ids = [index[BOS]] + [index.get(w, index[UNK]) for w in ws] + [index[EOS]]
         seqs[i, : len(ids)] = torch.tensor(ids)
-    x_train, x_test = _images(cfg, train, ct.image_size), _images(cfg, test, ct.image_size)
+    with StageProgress("cnn_transformer: images", len(train) + len(test)) as bar:
+        x_train = _images(cfg, train, ct.image_size, bar.advance)
+        x_test = _images(cfg, test, ct.image_size, bar.advance)
     model = CnnTransformer(len(vocab), ct.d_model, ct.layers, ct.heads, ct.max_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ct.lr)
     loss_fn = nn.CrossEntropyLoss(ignore_index=index[PAD])
     model.train()
     last = float("nan")
-    for _ in range(ct.epochs):
-        for start in range(0, len(seqs), ct.batch_size):
-            idx = torch.arange(start, min(start + ct.batch_size, len(seqs)))
-            tokens = seqs[idx]
-            length = int((tokens != index[PAD]).sum(1).max())
-            logits = model(model.memory(x_train[idx]), tokens[:, : length - 1])
-            loss = loss_fn(logits.reshape(-1, len(vocab)), tokens[:, 1:length].reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            last = float(loss.detach())
-        perm = torch.from_numpy(rng.permutation(len(seqs)))  # reshuffle between epochs
-        seqs, x_train = seqs[perm], x_train[perm]
+    steps = ct.epochs * math.ceil(len(seqs) / ct.batch_size)
+    with StageProgress("cnn_transformer: train", steps) as bar:
+        for _ in range(ct.epochs):
+            for start in range(0, len(seqs), ct.batch_size):
+                idx = torch.arange(start, min(start + ct.batch_size, len(seqs)))
+                tokens = seqs[idx]
+                length = int((tokens != index[PAD]).sum(1).max())
+                logits = model(model.memory(x_train[idx]), tokens[:, : length - 1])
+                loss = loss_fn(logits.reshape(-1, len(vocab)), tokens[:, 1:length].reshape(-1))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                last = float(loss.detach())
+                bar.advance()
+            perm = torch.from_numpy(rng.permutation(len(seqs)))  # reshuffle between epochs
+            seqs, x_train = seqs[perm], x_train[perm]
     model.eval()
-    texts = _greedy(model, x_test, index, vocab, ct.max_tokens)
+    with StageProgress("cnn_transformer: decode", ct.max_tokens) as bar:
+        texts = _greedy(model, x_test, index, vocab, ct.max_tokens, bar.advance)
     return texts, {"vocab_size": len(vocab), "final_loss": round(last, 4), "seconds_training": round(time.perf_counter() - started, 1),
                    "note": "words are the evaluation preprocessing's tokens, so outputs are already cleaned text"}
 
 
 @torch.no_grad()
-def _greedy(model: CnnTransformer, images: torch.Tensor, index: dict, vocab: list[str], max_tokens: int) -> list[str]:
+def _greedy(model: CnnTransformer, images: torch.Tensor, index: dict, vocab: list[str], max_tokens: int,
+            advance: Advance = unwatched) -> list[str]:
+    """Greedy decoding of all images at once; `advance` hears of every token position (all the remaining ones at
+    once when every report has ended early)."""
     memory = model.memory(images)
     tokens = torch.full((len(images), 1), index[BOS], dtype=torch.long)
     done = torch.zeros(len(images), dtype=torch.bool)
-    for _ in range(max_tokens):
+    for step in range(max_tokens):
         nxt = model(memory, tokens)[:, -1].argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, index[PAD]), nxt)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         done |= nxt == index[EOS]
         if bool(done.all()):
+            advance(max_tokens - step)
             break
+        advance(1)
     texts = []
     for row in tokens[:, 1:].tolist():
         ws = [vocab[i] for i in row if vocab[i] not in (PAD, BOS)]

@@ -33,7 +33,16 @@ from medvlm.errors import EvaluationError
 from medvlm.eval_units import evaluation_units
 from medvlm.labeler import Labeler
 from medvlm.manifest import read_manifest, study_indications
-from medvlm.metrics import CONVENTIONS, MeteorScorer, clinical_efficacy, coco_scores, medvlm_scores, preprocess
+from medvlm.metrics import (
+    COCO_SCORERS,
+    CONVENTIONS,
+    MeteorScorer,
+    clinical_efficacy,
+    coco_scores,
+    medvlm_scores,
+    preprocess,
+)
+from medvlm.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +96,17 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict], dem_thresh
     res = {i: preprocess([generated[i]["generated"]], convention) for i in ids}
     started = time.perf_counter()
     notes = {}
-    if zh:  # the METEOR jar only knows European languages; sanitising would delete every Chinese character
-        result, notes["METEOR"] = coco_scores(gts, res), "not computed for Chinese (METEOR 1.5 has no zh resources)"
-    else:
-        with MeteorScorer(ev.meteor_timeout_s) as meteor:
-            result = coco_scores(gts, res, meteor)
-    medvlm = medvlm_scores({u["unit_id"]: u["references"] for u in units},
-                           {i: [generated[i]["generated"]] for i in ids}, cfg.data.report_language)
+    scorers = len(COCO_SCORERS) - 1 if zh else len(COCO_SCORERS)  # no METEOR for Chinese (below)
+    with StageProgress("evaluate: metrics", scorers + 1) as bar:  # + the medvlm convention's scores
+        if zh:  # the METEOR jar only knows European languages; sanitising would delete every Chinese character
+            result = coco_scores(gts, res, advance=bar.advance)
+            notes["METEOR"] = "not computed for Chinese (METEOR 1.5 has no zh resources)"
+        else:
+            with MeteorScorer(ev.meteor_timeout_s) as meteor:
+                result = coco_scores(gts, res, meteor, bar.advance)
+        medvlm = medvlm_scores({u["unit_id"]: u["references"] for u in units},
+                               {i: [generated[i]["generated"]] for i in ids}, cfg.data.report_language)
+        bar.advance()
     point = dict(result.scores)
     point.update({k: float(v.mean()) for k, v in medvlm.items()})
     families = [bleu_family(gts, res), cider_family(gts, res),
@@ -105,7 +118,9 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict], dem_thresh
     labeler_dir = Path(cfg.labeler.out_dir)
     y_lab = None
     if (labeler_dir / "heads.npz").is_file():
-        y_lab = Labeler.load(labeler_dir).predict_proba([generated[i]["generated"] for i in ids])
+        labeler = Labeler.load(labeler_dir)
+        with StageProgress("evaluate: labeler", len(ids)) as bar:
+            y_lab = labeler.predict_proba([generated[i]["generated"] for i in ids], bar.advance)
         ce = clinical_efficacy(y_true, y_lab, names, cfg.data.primary_label, cfg.labeler.threshold)
         point.update({k: v for k, v in ce.items()})
         families.append(clinical_family(y_true, y_lab, names, cfg.data.primary_label, cfg.labeler.threshold))
@@ -136,7 +151,9 @@ def score(cfg: Config, units: list[dict], generated: dict[str, dict], dem_thresh
             point.update(follow_rates(y_dem > cuts, y_lab > cfg.labeler.threshold, names))
     if train_reports is not None:
         point.update(collapse_metrics([res[i][0] for i in ids], preprocess(train_reports, convention)))
-    intervals = bootstrap_intervals(families, len(ids), point, ev.bootstrap_iterations, ev.bootstrap_seed, ev.confidence)
+    with StageProgress("evaluate: bootstrap", ev.bootstrap_iterations) as bar:
+        intervals = bootstrap_intervals(families, len(ids), point, ev.bootstrap_iterations, ev.bootstrap_seed,
+                                        ev.confidence, advance=bar.advance)
     metrics = {k: intervals.get(k, {"value": v, "ci_low": None, "ci_high": None, "n_resamples": 0}) for k, v in point.items()}
     for k, m in metrics.items():  # every metric covers every unit: the bootstrap draws from all of them
         m["n"] = len(ids)
@@ -179,17 +196,29 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
         rows = read_manifest(Path(cfg.split.out_dir) / "test.jsonl")
         by_id = dict(zip(rows["study_id"].astype(str), study_indications(rows)))
         indications = [by_id.get(str(sid)) for sid in ids]
-    rows = predictor.predict_features(features, indications=indications)
+    with StageProgress("evaluate: generate", len(features)) as bar:
+        rows = predictor.predict_features(features, indications=indications, advance=bar.advance)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
-    from medvlm.explain import top_label_grids
-
     # the heatmap of each study's most probable finding, for the examples page (models with a DEM only)
-    for g, heat in zip(gens, top_label_grids(predictor.model, features, predictor.label_names) or []):
+    for g, heat in zip(gens, _top_label_heatmaps(predictor, features)):
         g["heatmap"] = heat
     facts = {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
     if predictor.meta.get("dem_thresholds"):
         facts["dem_thresholds"] = predictor.meta["dem_thresholds"]
     return gens, facts
+
+
+def _top_label_heatmaps(predictor, features) -> list[dict]:
+    """medvlm.explain.top_label_grids under a bar; [] for a model that cannot be explained (and no bar for it)."""
+    from medvlm.errors import ModelError
+    from medvlm.explain import check_explainable, top_label_grids
+
+    try:
+        check_explainable(predictor.model)
+    except ModelError:
+        return []
+    with StageProgress("evaluate: heatmaps", len(features)) as bar:
+        return top_label_grids(predictor.model, features, predictor.label_names, advance=bar.advance) or []
 
 
 def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> dict:

@@ -21,6 +21,7 @@ the region's share of the image (or of the lungs).
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 import re
@@ -33,6 +34,7 @@ from PIL import Image
 from torch import nn
 
 from medvlm.errors import DataError, ModelError
+from medvlm.progress import Advance, unwatched
 
 COLORMAP = "jet"
 OVERLAY_ALPHA = 0.5  # colour weight where the map is 1; where it is 0 the image shows plain grey
@@ -148,11 +150,12 @@ def explain_images(model, images: list[Image.Image], label_names: list[str], bat
     return out
 
 
-def top_label_grids(model, trunk_features: torch.Tensor, label_names: list[str],
-                    batch_size: int = 16) -> list[dict] | None:
+def top_label_grids(model, trunk_features: torch.Tensor, label_names: list[str], batch_size: int = 16,
+                    advance: Advance = unwatched) -> list[dict] | None:
     """Per study of cached trunk features, the map of its most probable label at the feature map's resolution:
     {"label", "probability", "grid": (h, w) nested list in [0, 1]} (small: the evaluate stage stores it with the
-    generations and the report stage draws it over the thumbnail). None when the model cannot be explained."""
+    generations and the report stage draws it over the thumbnail). None when the model cannot be explained.
+    `advance` hears of every batch mapped."""
     try:
         check_explainable(model)
         out = []
@@ -164,6 +167,7 @@ def top_label_grids(model, trunk_features: torch.Tensor, label_names: list[str],
                 g = g / g.max() if float(g.max()) > 0 else g
                 out.append({"label": label_names[k], "probability": round(float(p[k]), 4),
                             "grid": np.round(g.numpy(), 3).tolist()})
+            advance(len(grids))
         return out
     except ModelError:
         return None
@@ -193,6 +197,12 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 def overlays(image: Image.Image, explanation: Explanation) -> dict[str, Image.Image]:
     """label -> overlay image of that label's map."""
     return {name: overlay(image, m) for name, m in zip(explanation.label_names, explanation.maps)}
+
+
+def encoded_overlays(image: Image.Image, explanation: Explanation) -> dict[str, str]:
+    """label -> base64 PNG of that label's overlay: what the REST server and the MLflow pyfunc return."""
+    return {name: base64.b64encode(encode(img, "PNG")).decode("ascii")
+            for name, img in overlays(image, explanation).items()}
 
 
 def safe_name(text: str) -> str:

@@ -31,6 +31,7 @@ from medvlm.errors import ConfigError, DataError
 from medvlm.model.encoder import VisionEncoder
 from medvlm.model.vision import build_vision
 from medvlm.model.vision3d import EFFICIENTNET_SLICES, VOLUME_ENCODERS, VolumeEncoder
+from medvlm.progress import StageProgress
 
 SPLITS = ("train", "test")
 
@@ -120,11 +121,13 @@ def extract_features(cfg: Config) -> dict:
         if rows.empty:
             raise DataError(f"{Path(cfg.split.out_dir) / f'{split}.jsonl'}: no rows (run the split stage)")
         feats, n_views = [], []
-        for start in range(0, len(rows), cfg.features.batch_size):
-            chunk = rows.iloc[start : start + cfg.features.batch_size]
-            views = [_load_study_images(row, root, cfg, vision) for _, row in chunk.iterrows()]
-            feats.append(study_features(vision, views, cfg))
-            n_views += [len(v) for v in views]
+        with StageProgress(f"features {split}", len(rows)) as bar:
+            for start in range(0, len(rows), cfg.features.batch_size):
+                chunk = rows.iloc[start : start + cfg.features.batch_size]
+                views = [_load_study_images(row, root, cfg, vision) for _, row in chunk.iterrows()]
+                feats.append(study_features(vision, views, cfg))
+                n_views += [len(v) for v in views]
+                bar.advance(len(chunk))
         tensor = torch.cat(feats).contiguous()
         ids = [str(s) for s in rows["study_id"]]
         save_file({"features": tensor}, out_dir / f"{split}.safetensors",

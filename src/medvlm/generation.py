@@ -15,6 +15,7 @@ import torch
 
 from medvlm.config import GenerateConfig
 from medvlm.model.medvlm import MedVLM
+from medvlm.progress import Advance, unwatched
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, tokens: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -129,10 +130,12 @@ def generate_ids(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfi
 
 def generate_reports(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateConfig,
                      batch_size: int | None = None, contexts: list[str] | None = None,
-                     indications: list[str | None] | None = None) -> tuple[list[str], torch.Tensor | None]:
+                     indications: list[str | None] | None = None,
+                     advance: Advance = unwatched) -> tuple[list[str], torch.Tensor | None]:
     """Reports (decoded text) and label probabilities for cached trunk features, in batches. `contexts`: the
     similar-case text per sample when the caller already searched the retrieval index (None = generate_ids does);
-    `indications`: one clinical indication (or None) per sample (model.indication)."""
+    `indications`: one clinical indication (or None) per sample (model.indication); `advance` hears of every
+    batch generated."""
     size = batch_size or gen.batch_size
     texts, probs = [], []
     for start in range(0, len(trunk_features), size):
@@ -142,4 +145,5 @@ def generate_reports(model: MedVLM, trunk_features: torch.Tensor, gen: GenerateC
         texts.extend(model.layout.decode(x) for x in ids)
         if p is not None:
             probs.append(p)
+        advance(len(ids))
     return texts, (torch.cat(probs) if probs else None)

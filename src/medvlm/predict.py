@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medvlm.config import Config
 from medvlm.errors import DataError, MedVLMError
+from medvlm.progress import StageProgress
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 FORMATS = ("text", "json", "markdown")
@@ -129,12 +129,7 @@ def run_predictions(
                                     **({"heatmaps": maps} if explain_dir is not None else {})})
         return outcome
     batch_size = cfg.generate.batch_size
-    progress = Progress(
-        TextColumn("[bold]reports"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console or Console(stderr=True), disable=len(files) < PROGRESS_FROM, transient=False,
-    )
-    with progress:
-        task = progress.add_task("generate", total=len(files))
+    with StageProgress("reports", len(files), console, disable=len(files) < PROGRESS_FROM) as progress:
         for start in range(0, len(files), batch_size):
             batch = files[start : start + batch_size]
             images, kept = decode(batch)
@@ -142,7 +137,7 @@ def run_predictions(
                 for path, pred, (_, maps) in zip(kept, predictor.predict(images, **told(len(images))), heatmaps(kept, images)):
                     outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred),
                                             **similar(pred), **({"heatmaps": maps} if explain_dir is not None else {})})
-            progress.advance(task, len(batch))
+            progress.advance(len(batch))
     return outcome
 
 

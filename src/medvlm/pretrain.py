@@ -47,6 +47,7 @@ from medvlm.model.contrastive import (
 )
 from medvlm.model.encoder import VisionEncoder
 from medvlm.model.vision import build_vision
+from medvlm.progress import StageProgress
 from medvlm.schedule import lr_factor
 from medvlm.tracking import flatten, log_metrics, log_params, mlflow_run
 
@@ -134,23 +135,28 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
     epoch_losses = []
     with mlflow_run(cfg, run_name="pretrain-vision", tags={"stage": "pretrain_vision"}) as run:
         log_params(run, {**flatten(pc.model_dump(), "pretrain."), "train_samples": n, "total_steps": total})
-        for epoch in range(pc.epochs):
-            model.train()
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-            losses = []
-            for start in range(0, n, pc.batch_size):
-                idx = order[start : start + pc.batch_size]
-                if len(idx) < 2:  # a lone leftover pair has no negatives
-                    continue
-                loss = contrastive_loss(model.image_embeddings(train_feats[idx]), model.text_embeddings(train_text[idx]),
-                                        model.temperature(), train_groups[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(float(loss.detach()))
-            epoch_losses.append(round(float(np.mean(losses)), 5))
-            log_metrics(run, {"pretrain_loss": epoch_losses[-1], "temperature": float(model.temperature().detach())}, epoch)
+        with StageProgress("pretrain-vision", total) as bar:
+            for epoch in range(pc.epochs):
+                model.train()
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+                losses = []
+                for start in range(0, n, pc.batch_size):
+                    idx = order[start : start + pc.batch_size]
+                    if len(idx) < 2:  # a lone leftover pair has no negatives
+                        bar.advance()
+                        continue
+                    loss = contrastive_loss(model.image_embeddings(train_feats[idx]),
+                                            model.text_embeddings(train_text[idx]), model.temperature(),
+                                            train_groups[idx])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(float(loss.detach()))
+                    bar.advance()
+                epoch_losses.append(round(float(np.mean(losses)), 5))
+                log_metrics(run, {"pretrain_loss": epoch_losses[-1],
+                                  "temperature": float(model.temperature().detach())}, epoch)
         after = _recall(model, test_feats, test_text, test_groups)
         zero_shot = _zero_shot_auroc(cfg, model, text_encoder, test_feats)
         signature = feature_signature(cfg)

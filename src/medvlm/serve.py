@@ -106,7 +106,9 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
         if "similar_cases" in pred:  # model.retrieval: the training cases the prompt showed (study id, similarity)
             out["similar_cases"] = pred["similar_cases"]
         if explanation is not None:
-            out["heatmaps"] = await run_in_threadpool(_encoded_overlays, image, explanation)
+            from medvlm.explain import encoded_overlays
+
+            out["heatmaps"] = await run_in_threadpool(encoded_overlays, image, explanation)
         return out
 
     return app
@@ -141,13 +143,6 @@ def _flag(*values: Any) -> bool:
         else:
             raise BadRequest(422, f"explain must be true or false, not {str(value)[:40]!r}")
     return on
-
-
-def _encoded_overlays(image, explanation) -> dict[str, str]:
-    from medvlm.explain import encode, overlays
-
-    return {name: base64.b64encode(encode(img, "PNG")).decode("ascii")
-            for name, img in overlays(image, explanation).items()}
 
 
 MAX_INDICATION_CHARS = 1000

@@ -333,9 +333,10 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                                "lr": lr, "samples_per_s": round(rate, 3)}
                         log_rows.append(row)
                         log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")}, step)
-                        if not progress.console.is_terminal:  # DVC / CI logs: a line per log step instead of a bar
-                            accelerator.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
-                                              f"lr {lr:.2e} {rate:.2f} samples/s", flush=True)
+                        if accelerator.is_main_process and not progress.console.is_terminal:
+                            # DVC / CI logs: a line per log step instead of a bar, on stderr like the bar
+                            progress.console.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
+                                                   f"lr {lr:.2e} {rate:.2f} samples/s", markup=False, highlight=False)
                         window_samples, window_start = 0, time.perf_counter()
                     if step % cfg.train.checkpoint_every == 0 or step == total:
                         rngs = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
@@ -457,21 +458,21 @@ class _RankLog:
 
 
 class _progress:
-    """Rich progress bar with loss and samples/s (quiet on non-main processes)."""
+    """The shared bar (medvlm.progress) with loss and samples/s; quiet on non-main processes."""
 
     def __init__(self, accelerator, total: int, done: int, strategy: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import TextColumn
 
-        self.progress = Progress(
-            TextColumn(f"train {strategy}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.1f} samples/s"), TimeRemainingColumn(),
-            disable=not accelerator.is_main_process,
-        )
-        self.total, self.done = total, done
+        from medvlm.progress import progress_bar
+
+        self.progress = progress_bar(TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.1f} samples/s"),
+                                     disable=not accelerator.is_main_process)
+        self.total, self.done, self.strategy = total, done, strategy
 
     def __enter__(self):
         self.progress.__enter__()
-        task = self.progress.add_task("train", total=self.total, completed=self.done, loss=float("nan"), rate=0.0)
+        task = self.progress.add_task(f"train {self.strategy}", total=self.total, completed=self.done,
+                                      loss=float("nan"), rate=0.0)
         return self.progress, task
 
     def __exit__(self, *exc):
