@@ -11,6 +11,7 @@ The inputs are the outputs of a finished pipeline run (`make run`) under --root 
     prefect-deployment.png  the pipeline deployment's page
     drift.png               the Evidently drift report, reports/drift/drift.html
     data-docs.png           the Great Expectations Data Docs, reports/validation/docs/index.html
+    data-docs-validation.png  their result page of the per-row suite (manifest_rows)
 
 MLflow (`mlflow server`, on a copy of mlruns.db so the run's store is only read) and Prefect (`prefect server start`,
 its database in a temporary folder, plus flows/serve.py serving the deployments) run on free localhost ports for the
@@ -53,7 +54,9 @@ MLFLOW_UI_PREFS = """try {
   localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
 } catch (e) {}"""
 PREFECT_UI_PREFS = """try { localStorage.setItem('color-scheme', '"light"'); } catch (e) {}"""  # its default is dark
-NAMES = ("examples", "mlflow-run", "mlflow-model", "prefect-flow-run", "prefect-deployment", "drift", "data-docs")
+NAMES = ("examples", "mlflow-run", "mlflow-model", "prefect-flow-run", "prefect-deployment", "drift", "data-docs",
+         "data-docs-validation")
+ROW_SUITE = "manifest_rows"  # medvlm.data.validate's per-row suite: its result page is the one shown
 
 
 class ScreenshotError(Exception):
@@ -134,9 +137,17 @@ def plan(root: Path, only: list[str] | None = None) -> Plan:
         if not pages:
             raise ScreenshotError(f"{drift_dir}: no drift report (*.html); run the monitor stage first")
         shots.append(Shot("drift", "file", pages[0].resolve().as_uri(), "body", None, f"Evidently {pages[0].name}"))
+    docs = root / "reports" / "validation" / "docs"
     if "data-docs" in wanted:
-        page = _need(root / "reports" / "validation" / "docs" / "index.html", "the validate stage writes it")
+        page = _need(docs / "index.html", "the validate stage writes it")
         shots.append(Shot("data-docs", "file", page.resolve().as_uri(), "table tbody tr", None, "GX Data Docs"))
+    if "data-docs-validation" in wanted:
+        pages = sorted((docs / "validations").glob("*/*/*/*.html"),
+                       key=lambda p: (p.relative_to(docs / "validations").parts[0] != ROW_SUITE, str(p)))
+        if not pages:
+            raise ScreenshotError(f"{docs / 'validations'}: no validation result page; run the validate stage first")
+        shots.append(Shot("data-docs-validation", "file", pages[0].resolve().as_uri(), "text=Overview", None,
+                          f"GX validation result {pages[0].relative_to(docs)}"))
     return result
 
 

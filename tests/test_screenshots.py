@@ -19,7 +19,9 @@ spec.loader.exec_module(screenshots)
 
 def _finished_run(root: Path) -> Path:
     for rel in ("reports/examples.html", "reports/drift/drift.html", "reports/drift/other.html",
-                "reports/validation/docs/index.html", "flows/serve.py", "dvc.lock"):
+                "reports/validation/docs/index.html", "flows/serve.py", "dvc.lock",
+                "reports/validation/docs/validations/manifest_cross_rows/__none__/20261202T1/a.html",
+                "reports/validation/docs/validations/manifest_rows/__none__/20261202T1/b.html"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text("x")
     (root / "mlruns.db").write_bytes(b"")
@@ -36,6 +38,7 @@ def test_every_page_of_a_finished_run(tmp_path):
     assert by_name["examples"].target == (root / "reports" / "examples.html").resolve().as_uri()
     assert by_name["drift"].target.endswith("/reports/drift/drift.html")  # drift.html first, not other.html
     assert by_name["data-docs"].target.endswith("/reports/validation/docs/index.html")
+    assert by_name["data-docs-validation"].target.endswith("/manifest_rows/__none__/20261202T1/b.html")
     assert by_name["mlflow-model"].target == "#/models/medvlm"
     assert by_name["mlflow-run"].target.format(experiment_id="3", run_id=p.run_id) == "#/experiments/3/runs/abc123"
     assert by_name["prefect-flow-run"].target.format(flow_run_id="f1") == "/runs/flow-run/f1"
