@@ -4,7 +4,7 @@
 
 The inputs are the outputs of a finished pipeline run (`make run`) under --root (default: the current directory):
 
-    examples.png            reports/examples.html: test-set reports and the per-finding heatmaps
+    examples.png            reports/examples.html: test-set reports and heatmaps (zoomed out to show the first)
     mlflow-run.png          the MLflow run of the registered model version (reports/registry.json, mlruns.db)
     mlflow-model.png        the registered model's page in the MLflow registry
     prefect-flow-run.png    a real run of the pipeline deployment (every task checks its DVC stage; all are up to date)
@@ -43,6 +43,7 @@ from pathlib import Path
 VIEWPORT = {"width": 1280, "height": 800}
 CHROMIUM = "/usr/bin/chromium"
 MAX_KB = 250
+MIN_ZOOM = 0.7
 QUIET = {"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
          "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
          "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -76,6 +77,7 @@ class Shot:
     scroll_to: str | None = None
     what: str = ""
     init_script: str | None = None  # run before the page's own scripts (UI preferences in localStorage)
+    fit: str | None = None  # an element that must be in the picture: the page is zoomed out (down to MIN_ZOOM) to fit
 
 
 @dataclass
@@ -105,7 +107,8 @@ def plan(root: Path, only: list[str] | None = None) -> Plan:
     shots = result.shots
     if "examples" in wanted:
         page = _need(root / "reports" / "examples.html", "the report stage writes it")
-        shots.append(Shot("examples", "file", page.resolve().as_uri(), "table img", None, "test-set examples"))
+        shots.append(Shot("examples", "file", page.resolve().as_uri(), "table img", None, "test-set examples",
+                          fit="img[alt=heatmap] + .p"))  # the first heatmap and its caption
     if wanted & {"mlflow-run", "mlflow-model"}:
         result.tracking_db = _need(root / "mlruns.db", "the MLflow tracking store of the register stage")
         registry = _need(root / "reports" / "registry.json", "the register stage writes it")
@@ -291,6 +294,20 @@ def optimize_png(path: Path, max_kb: int = MAX_KB) -> int:
     return path.stat().st_size
 
 
+def _zoom_to_fit(page, selector: str) -> None:
+    """Zoom the page out so that the first `selector` element ends inside the viewport (not below MIN_ZOOM; past
+    that it is scrolled into view instead)."""
+    bottom = page.evaluate("(sel) => { const el = document.querySelector(sel);"
+                           " return el ? el.getBoundingClientRect().bottom + window.scrollY : null; }", selector)
+    room = VIEWPORT["height"] - 12
+    if bottom is None or bottom <= room:
+        return
+    zoom = max(MIN_ZOOM, room / bottom)
+    page.evaluate("(z) => { document.documentElement.style.zoom = String(z); }", zoom)
+    if zoom * bottom > room:
+        page.locator(selector).first.scroll_into_view_if_needed()
+
+
 def take(shots: list[tuple[Shot, str]], out: Path, chromium: str, max_kb: int) -> dict[str, int]:
     from playwright.sync_api import sync_playwright
 
@@ -312,6 +329,8 @@ def take(shots: list[tuple[Shot, str]], out: Path, chromium: str, max_kb: int) -
                 except Exception as exc:  # noqa: BLE001 - playwright's TimeoutError, one line
                     raise ScreenshotError(f"{shot.name}: {url} never showed {shot.wait_for!r} "
                                           f"({type(exc).__name__})") from None
+                if shot.fit:
+                    _zoom_to_fit(page, shot.fit)
                 if shot.scroll_to:
                     page.locator(shot.scroll_to).first.scroll_into_view_if_needed()
                 page.wait_for_timeout(1500)  # fonts, charts and transitions settle
