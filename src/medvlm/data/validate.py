@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from medvlm.config import Config
+from medvlm.data.data_docs import make_offline
 from medvlm.data.images import combine_digests, file_sha256, probe_image, resolve_in_root
 from medvlm.data.sources import LOAD_ERROR, SPLITS, load_source
 from medvlm.data.volumes import is_volume_path, probe_volume
@@ -302,6 +303,7 @@ def _run_expectations(checks: pd.DataFrame, cfg: Config, docs_dir: Path) -> tupl
     more, cross_reasons = _run_suite(context, "manifest_cross_rows", cross_specs, cross, [ROW])
     for row, why in cross_reasons.items():
         reasons.setdefault(row, []).extend(why)
+    make_offline(docs_dir)  # the docs are complete: their CDN stylesheets and scripts become local copies
     return summaries + more, reasons
 
 
