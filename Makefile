@@ -110,7 +110,7 @@ gpu-bench:
 
 # Local Prefect server + the scheduled deployments (retraining cron from params.yaml). UI: http://127.0.0.1:$(PREFECT_PORT)
 serve-flows: install
-	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
+	export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
 	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) & srv=$$!; \
 	trap "kill $$srv" EXIT; \
 	until curl -sf http://127.0.0.1:$(PREFECT_PORT)/api/health >/dev/null; do sleep 1; done; \
