@@ -97,7 +97,7 @@ cov-ctr: install
 ct3d: install
 	medvlm -o params/ct3d.yaml synthesize
 	medvlm -o params/ct3d.yaml experiment run
-	medvlm -o params/ct3d.yaml monitor
+	medvlm -o params/ct3d.yaml -S split.out_dir=runs/experiments/ct3d/data/split monitor  # the experiment's training split is the reference
 
 bench: install
 	$(BIN)/python bench/train_bench.py && $(BIN)/python bench/inference_bench.py && $(BIN)/python bench/lm_truncation.py
