@@ -21,6 +21,7 @@ import torch
 
 from medvlm.config import ModelConfig
 from medvlm.errors import ConfigError, ModelError
+from medvlm.model.runtime import kept_layer_tensors
 
 if TYPE_CHECKING:  # transformers is imported where it is used: inference (model/runtime.py) runs without it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -82,7 +83,6 @@ def resolve_lm_path(name: str) -> Path | str:
 
 def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the LM and its tokenizer, truncated to cfg.lm_layers decoder layers."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_lm_path(cfg.lm)
@@ -102,8 +102,7 @@ def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTr
     weights = Path(path) / "model.safetensors" if isinstance(path, Path) else None
     if weights is not None and weights.is_file():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        with safe_open(weights, framework="pt") as fh:  # read only the kept layers' tensors
-            state = {k: fh.get_tensor(k) for k in fh.keys() if _layer_index(k) is None or _layer_index(k) < keep}
+        state = kept_layer_tensors(weights, keep)  # read only the kept layers' tensors
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
         if missing or unexpected:
@@ -118,15 +117,6 @@ def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTr
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-def _layer_index(key: str) -> int | None:
-    parts = key.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 def load_runtime_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32):

@@ -239,8 +239,6 @@ def _uninitialised():
 def load_llama(path: Path, keep: int, dtype: torch.dtype = torch.float32) -> LlamaLM:
     """LlamaLM with the first `keep` layers (0 = all) of the model.safetensors in `path`; weights are read, never
     initialised."""
-    from safetensors import safe_open
-
     config = _lm_config(path) or {}
     total = int(config["num_hidden_layers"])
     keep = keep or total
@@ -254,12 +252,7 @@ def load_llama(path: Path, keep: int, dtype: torch.dtype = torch.float32) -> Lla
     )
     with _uninitialised():
         model = LlamaLM(c)
-    state = {}
-    with safe_open(path / "model.safetensors", framework="pt") as fh:
-        for key in fh.keys():
-            index = _layer_index(key)
-            if index is None or index < keep:
-                state[key] = fh.get_tensor(key).to(dtype)
+    state = kept_layer_tensors(path / "model.safetensors", keep, dtype)
     if c.tied:
         state.pop("lm_head.weight", None)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if c.tied else set())
@@ -271,6 +264,21 @@ def load_llama(path: Path, keep: int, dtype: torch.dtype = torch.float32) -> Lla
     if c.tied:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def kept_layer_tensors(weights: Path, keep: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file outside the decoder layers and of layers 0..keep-1 (the others are never
+    read), cast to `dtype` when given. Shared by this runtime and the training LM (medvlm.model.lm)."""
+    from safetensors import safe_open
+
+    state = {}
+    with safe_open(weights, framework="pt") as fh:
+        for key in fh.keys():
+            index = _layer_index(key)
+            if index is None or index < keep:
+                tensor = fh.get_tensor(key)
+                state[key] = tensor if dtype is None else tensor.to(dtype)
+    return state
 
 
 def _layer_index(key: str) -> int | None:
