@@ -39,3 +39,10 @@ class RegistryError(MedVLMError):
 
 class StageFailed(MedVLMError):
     """A pipeline stage's command stopped on a user error (the CLI's exit code 2): retrying cannot fix it."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type name when it has none), cut to `limit` characters: what
+    the one-line errors of this project quote from a library's exception."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

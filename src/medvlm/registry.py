@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from medvlm.config import Config
-from medvlm.errors import RegistryError
+from medvlm.errors import RegistryError, first_line
 from medvlm.model_card import model_card, numeric_metrics
 from medvlm.selection import (  # noqa: F401 (metric_ci ... split_content_hash: also their old import path)
     artifact_hash,
@@ -33,7 +33,7 @@ from medvlm.selection import (  # noqa: F401 (metric_ci ... split_content_hash: 
     split_content_hash,
     test_data_hash,
 )
-from medvlm.tracking import connect, first_line, sqlite_path
+from medvlm.tracking import MESSAGE_CHARS, connect, sqlite_path
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 # pip requirements recorded with the pyfunc model (inferring them would load the model in a subprocess)
@@ -198,7 +198,7 @@ def _register_version(client, cfg: Config, best: dict, found: list[dict], factor
             pass  # exists already
         version = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=tags, description=card)
     except MlflowException as exc:
-        raise RegistryError(f"{cfg.register.tracking_uri}: registration of {best['strategy']} failed ({first_line(exc)})") from None
+        raise RegistryError(f"{cfg.register.tracking_uri}: registration of {best['strategy']} failed ({first_line(exc, MESSAGE_CHARS)})") from None
     return version, run.info.run_id, False
 
 

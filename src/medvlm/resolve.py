@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from medvlm.config import Config, default_config
-from medvlm.errors import ModelError, RegistryError
-from medvlm.tracking import connect, first_line
+from medvlm.errors import ModelError, RegistryError, first_line
+from medvlm.tracking import MESSAGE_CHARS, connect
 
 DELETED_STAGE = "Deleted_Internal"  # MLflow's stage of a soft-deleted version
 ARTIFACT_KEY = "model_dir"  # the pyfunc artifact holding the model folder (medvlm.pyfunc_model re-exports it)
@@ -129,7 +129,7 @@ def _download(uri: str, target: Path, cfg: Config) -> None:
             return
         staging.rename(target)  # atomic: a half-downloaded model is never visible under its final name
     except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{uri}: download failed ({first_line(exc)})") from None
+        raise RegistryError(f"{uri}: download failed ({first_line(exc, MESSAGE_CHARS)})") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

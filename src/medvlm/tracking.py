@@ -16,7 +16,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from medvlm.config import Config
-from medvlm.errors import RegistryError
+from medvlm.errors import RegistryError, first_line
+
+MESSAGE_CHARS = 300  # MLflow messages can carry whole stack dumps: quote at most this much
 
 EXPERIMENT = "medvlm"
 
@@ -109,11 +111,11 @@ def connect(cfg: Config, *, create: bool = True):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         client.search_registered_models(max_results=1)
     except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{uri}: tracking store unusable ({first_line(exc)})") from None
+        raise RegistryError(f"{uri}: tracking store unusable ({first_line(exc, MESSAGE_CHARS)})") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors have no common base MLflow re-exports
         if type(exc).__module__.split(".")[0] not in ("sqlalchemy", "alembic", "requests", "urllib3"):
             raise
-        raise RegistryError(f"{uri}: tracking store unusable ({first_line(exc)})") from None
+        raise RegistryError(f"{uri}: tracking store unusable ({first_line(exc, MESSAGE_CHARS)})") from None
     return client
 
 
@@ -123,9 +125,6 @@ def _check_server(uri: str) -> None:
     try:
         httpx.get(uri.rstrip("/") + "/health", timeout=5.0).raise_for_status()
     except httpx.HTTPError as exc:
-        raise RegistryError(f"{uri}: MLflow tracking server unreachable ({first_line(exc)})") from None
+        raise RegistryError(f"{uri}: MLflow tracking server unreachable ({first_line(exc, MESSAGE_CHARS)})") from None
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medvlm.config import default_config
-from medvlm.errors import DataError, ImageDecodeError
+from medvlm.errors import DataError, ImageDecodeError, first_line
 
 DEFAULT_MAX_PIXELS = default_config().validation.max_image_pixels  # the shipped validate.max_image_pixels
 # The standard radiological lung window (HU): shows parenchyma, ground glass and consolidation at once.
@@ -78,7 +78,7 @@ def load_image(
         return _to_gray(ImageOps.exif_transpose(im))
     except _PIL_ERRORS as exc:
         im.close()
-        raise ImageDecodeError(f"{path}: cannot decode {im.format or 'image'} ({_first_line(exc)})") from None
+        raise ImageDecodeError(f"{path}: cannot decode {im.format or 'image'} ({first_line(exc)})") from None
 
 
 def probe_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
@@ -98,7 +98,7 @@ def probe_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
                 im.draft(im.mode, (max(1, width // 8), max(1, height // 8)))
             im.load()
         except _PIL_ERRORS as exc:
-            raise ImageDecodeError(f"{path}: cannot decode {fmt} ({_first_line(exc)})") from None
+            raise ImageDecodeError(f"{path}: cannot decode {fmt} ({first_line(exc)})") from None
     return ImageInfo(width=width, height=height, format=fmt)
 
 
@@ -195,7 +195,7 @@ def _open_pil(path: Path, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{path}: too many pixels, possible decompression bomb ({exc})") from None
     except _PIL_ERRORS as exc:
-        raise ImageDecodeError(f"{path}: cannot read image header ({_first_line(exc)})") from None
+        raise ImageDecodeError(f"{path}: cannot read image header ({first_line(exc)})") from None
     if im.width * im.height > max_pixels:
         size = f"{im.width}x{im.height}"
         im.close()
@@ -242,14 +242,14 @@ def _load_dicom(path: Path, *, max_pixels: int, ct_window: tuple[float, float]) 
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
     except (InvalidDicomError, OSError, EOFError, ValueError, struct.error, KeyError) as exc:
-        raise ImageDecodeError(f"{path}: not a readable DICOM file ({_first_line(exc)})") from None
+        raise ImageDecodeError(f"{path}: not a readable DICOM file ({first_line(exc)})") from None
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows * cols > max_pixels:
         raise ImageDecodeError(f"{path}: {cols}x{rows} pixels exceed max_image_pixels {max_pixels}")
     try:
         pixels = np.asarray(ds.pixel_array, dtype=np.float64)
     except (AttributeError, ValueError, RuntimeError, NotImplementedError, OSError, KeyError, TypeError) as exc:
-        raise ImageDecodeError(f"{path}: DICOM pixel data cannot be decoded ({_first_line(exc)})") from None
+        raise ImageDecodeError(f"{path}: DICOM pixel data cannot be decoded ({first_line(exc)})") from None
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples > 1:
         pixels = pixels.mean(axis=-1)  # colour DICOM (rare for CT): average the channels
@@ -270,6 +270,3 @@ def _load_dicom(path: Path, *, max_pixels: int, ct_window: tuple[float, float]) 
     return image
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlm.config import VolumeConfig, default_config
-from medvlm.errors import ImageDecodeError
+from medvlm.errors import ImageDecodeError, first_line
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr")
 _DICOM_ERRORS = (OSError, EOFError, ValueError, struct.error, KeyError, TypeError, AttributeError)
@@ -112,7 +112,7 @@ def inspect_series(folder: str | Path, *, max_voxels: int, spacing_tolerance: fl
         except InvalidDicomError:
             continue  # not DICOM (a README, a DICOMDIR-less index): not a slice
         except _DICOM_ERRORS as exc:
-            raise VolumeError(f"{path}: unreadable DICOM header ({_first_line(exc)})") from None
+            raise VolumeError(f"{path}: unreadable DICOM header ({first_line(exc)})") from None
         if "PixelData" not in ds and "Rows" not in ds:
             continue  # DICOMDIR or another non-image object
         headers.append((path, ds))
@@ -248,7 +248,7 @@ def _load_native(path: Path, vcfg: VolumeConfig):
     except VolumeError:
         raise
     except Exception as exc:  # MONAI wraps reader errors in RuntimeError with the whole chain's trace
-        raise VolumeError(f"{path}: cannot load {fmt} volume ({_first_line(_root_cause(exc))})") from None
+        raise VolumeError(f"{path}: cannot load {fmt} volume ({first_line(_root_cause(exc))})") from None
     if volume.ndim != 4 or volume.shape[0] != 1:
         raise VolumeError(f"{path}: {fmt} data has shape {tuple(volume.shape)}, expected one 3-D volume")
     return volume, fmt
@@ -266,7 +266,7 @@ def _check_header_voxels(path: Path, fmt: str, max_voxels: int) -> None:
 
             shape = tuple(nrrd.read_header(str(path))["sizes"])
     except Exception as exc:  # nibabel / pynrrd raise their own error types
-        raise VolumeError(f"{path}: not a readable {fmt} file ({_first_line(exc)})") from None
+        raise VolumeError(f"{path}: not a readable {fmt} file ({first_line(exc)})") from None
     n = int(np.prod([int(s) for s in shape])) if shape else 0
     if n > max_voxels:
         raise VolumeError(f"{path}: {'x'.join(map(str, shape))} voxels exceed volume.max_voxels {max_voxels} "
@@ -321,6 +321,3 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
