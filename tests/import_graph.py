@@ -3,7 +3,9 @@
 Every `import` / `from ... import` counts, at module level and inside functions alike: a function-local import
 still ties the two modules together (it only defers the cost). Relative imports are resolved. An import of
 `medvlm.x.y` is an edge to module medvlm.x.y when that module exists, else to the package it names; `from
-medvlm.x import y` is an edge to medvlm.x.y when y is a submodule, else to medvlm.x.
+medvlm.x import y` is an edge to medvlm.x.y when y is a submodule, else to medvlm.x. A package whose __init__.py
+lists its own modules with `pkgutil.iter_modules` (a registry such as medvlm.strategies) imports each of them whose
+name does not start with "_": the registry's import of them is by name, so `ast` would not see it otherwise.
 """
 
 from __future__ import annotations
@@ -67,7 +69,15 @@ def parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
 
+def discovered(package: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules a registry package imports by listing itself (see the module docstring); none for others."""
+    if path.name != "__init__.py" or "pkgutil.iter_modules" not in path.read_text():
+        return set()
+    return {m for m in known if m.rpartition(".")[0] == package and not m.rpartition(".")[2].startswith("_")}
+
+
 def graph() -> dict[str, set[str]]:
     """Module -> the medvlm modules it imports anywhere in its file."""
     known = modules()
-    return {name: imports_in(parse(path), name, path.name == "__init__.py", known) for name, path in known.items()}
+    return {name: imports_in(parse(path), name, path.name == "__init__.py", known) | discovered(name, path, known)
+            for name, path in known.items()}

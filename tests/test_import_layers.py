@@ -2,18 +2,26 @@
 are in import_graph.py.
 
 Checked: (a) the graph of medvlm-internal imports has no cycle; (b) medvlm.model.* imports nothing of medvlm
-outside medvlm.model except medvlm.errors and medvlm.config; (c) the core modules import only one another.
+outside medvlm.model except medvlm.errors, the settings (medvlm.config, its sections) and the strategy modules;
+(c) the core modules (settings with the strategy modules, errors, paths, manifest) import only one another.
 """
 
 from __future__ import annotations
 
-from import_graph import graph as _graph
+from import_graph import SRC, graph as _graph
 
+# The strategy modules (medvlm.strategies: each one's settings section and the code that marks / wraps the LM's
+# parameters) belong to the settings layer: config_sections builds TrainConfig from them, so they may import only
+# core modules (torch / peft only inside their functions, or in _modules.py which those functions import:
+# settings load stays light).
+STRATEGIES = {"medvlm.strategies", *(f"medvlm.strategies.{p.stem}" for p in (SRC / "medvlm" / "strategies").glob("*.py")
+                                    if p.stem != "__init__")}
 # medvlm.config stays allowed below medvlm.model: the model builders take the typed settings
 # (ModelConfig, Config) that config.py defines, and config.py itself sits on errors only.
-MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config", "medvlm.config_sections"}
+MODEL_MAY_IMPORT = {"medvlm.errors", "medvlm.config", "medvlm.config_sections", "medvlm.settings_base", *STRATEGIES}
 # The bottom layer: settings, errors, paths and the manifest format. They may use one another, nothing else.
-CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.config_sections", "medvlm.paths", "medvlm.env"}
+CORE = {"medvlm.errors", "medvlm.manifest", "medvlm.config", "medvlm.config_sections", "medvlm.settings_base",
+        "medvlm.paths", "medvlm.env", *STRATEGIES}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -76,6 +84,9 @@ def test_the_graph_sees_the_modules():
     assert "medvlm.cli" in graph and "medvlm.model.medvlm" in graph
     assert "medvlm.config" in graph["medvlm.paths"]  # a module-level import is seen
     assert graph["medvlm.cli"], "cli imports medvlm modules inside its commands; none were found"
+    # the registry imports its strategy modules by listing its package, not by name: still edges
+    assert {"medvlm.strategies.freeze", "medvlm.strategies.lora"} <= graph["medvlm.strategies"]
+    assert "medvlm.strategies._modules" not in graph["medvlm.strategies"]
 
 
 def test_no_import_cycles():

@@ -1,7 +1,16 @@
 """Each strategy trains exactly its intended parameters (with the optional clue modules on too); everything else
-stays bit-identical after a step."""
+stays bit-identical after a step. A strategy is one module of medvlm.strategies: adding one is its file and its
+params.yaml section."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from tiny_medvlm import REPORTS, TRUNK_SHAPE, tiny_config
 
@@ -84,6 +93,7 @@ def test_tune_vision_blocks_zero_freezes_the_whole_encoder(tmp_path):
         ("freeze", {"train": {"freeze": {"trainable_lm_layers": [5]}}}, ConfigError, "trainable_lm_layers"),
         ("freeze", {"train": {"freeze": {"trainable_lm_layers": []}}}, ConfigError, "empty"),
         ("lora", {"train": {"lora": {"target_modules": ["not_a_module"]}}}, ModelError, "target_modules"),
+        ("lora", {"train": {"lora": {"target_modules": []}}}, ConfigError, "target_modules is empty"),
         ("lora", {"model": {"lm_layers": 9}}, ConfigError, "lm_layers"),
     ],
 )
@@ -107,13 +117,117 @@ def test_unknown_strategy_fails_before_any_model_is_built(tmp_path, monkeypatch)
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_cache_geometry_and_zero_start(tmp_path, projection):
     """P-Tuning v2 prefixes: one (key, value) pair per layer shaped like the LM's KV heads, zero at the start."""
-    from medvlm.model.strategies import PrefixKV
-
-    model = MedVLM(tiny_config(tmp_path), "lora")
-    prefix = PrefixKV(model.lm, num_virtual_tokens=5, projection=projection)
-    cache = prefix.cache(batch_size=3, dtype=torch.float32)
+    cfg = tiny_config(tmp_path, train={"ptuning_v2": {"num_virtual_tokens": 5, "prefix_projection": projection}})
+    model = MedVLM(cfg, "ptuning_v2")
+    cache = model.prefix_cache(batch_size=3, dtype=torch.float32)
     assert len(cache.layers) == 2
     keys = cache.layers[0].keys
     assert keys.shape == (3, 2, 5, 8)  # (batch, kv heads, virtual tokens, head dim) of the tiny Llama
     assert torch.count_nonzero(keys) == 0
-    assert sum(p.numel() for p in prefix.parameters()) > 0
+    assert sum(p.numel() for p in model.prefix.parameters()) > 0
+
+
+# (trainable tensors, trainable elements) of the tiny model per strategy, measured before the strategies became
+# one module each: the refactor must not move them, in training and runtime builds alike
+TRAINABLE = {"freeze": (58, 2777506), "lora": (57, 2768674), "ptuning_v2": (50, 2768418)}
+
+
+@pytest.mark.parametrize("strategy", sorted(TRAINABLE))
+def test_training_and_runtime_builds_train_the_same_parameters(tmp_path, strategy):
+    cfg = tiny_config(tmp_path)
+    built = {}
+    for runtime in (False, True):
+        model = MedVLM(cfg, strategy, runtime=runtime)
+        assert model.runtime == runtime
+        params = dict(model.named_parameters())
+        built[runtime] = {n: params[n].numel() for n in model.trainable_names}
+    assert built[False] == built[True]
+    assert (len(built[False]), sum(built[False].values())) == TRAINABLE[strategy]
+
+
+def test_the_registry_holds_the_strategy_modules_and_their_described_settings():
+    from medvlm.config import TrainConfig
+    from medvlm.model import STRATEGIES
+    from medvlm.strategies import REGISTRY
+
+    assert STRATEGIES == tuple(REGISTRY) == ("freeze", "lora", "ptuning_v2")
+    for name, module in REGISTRY.items():
+        assert TrainConfig.model_fields[name].annotation is module.Settings
+        assert callable(module.check) and callable(module.apply)
+        for field, info in module.Settings.model_fields.items():
+            assert info.description, f"train.{name}.{field} has no help text"
+
+
+def test_a_typo_in_a_strategy_section_fails_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.lora\.rank: Extra inputs are not permitted"):
+        tiny_config(tmp_path, train={"lora": {"r": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["q_proj"],
+                                              "rank": 2}})
+    with pytest.raises(ConfigError, match=r"train\.strategies\.1: Input should be 'freeze', 'lora' or 'ptuning_v2'"):
+        tiny_config(tmp_path, train={"strategies": ["lora", "adapterx"]})
+
+
+NEW_STRATEGY = '''"""norm_tuning: only the LM's final norm trains (a strategy added by its file and its params.yaml section)."""
+
+from pydantic import Field
+
+from medvlm.strategies._base import StrategySettings
+
+
+class Settings(StrategySettings):
+    scale: float = Field(gt=0, description="what the norm weights are multiplied by at the start")
+
+
+def check(settings):
+    """Nothing to check beyond the field ranges."""
+
+
+def apply(model, settings, runtime):
+    norm = model.lm.get_decoder().norm
+    norm.weight.data.mul_(settings.scale)
+    norm.requires_grad_(True)
+'''
+
+NEW_STRATEGY_RUN = '''
+import json, sys
+from pathlib import Path
+import medvlm
+from medvlm.errors import ConfigError
+from medvlm.model.medvlm import MedVLM
+from tiny_medvlm import tiny_config
+
+tmp = Path(sys.argv[1])
+assert Path(medvlm.__file__).is_relative_to(tmp), medvlm.__file__
+cfg = tiny_config(tmp, train={"strategies": ["lora", "norm_tuning"]})
+out = {"section": cfg.train.norm_tuning.model_dump(), "strategies": cfg.train.strategies}
+for runtime in (False, True):
+    model = MedVLM(cfg, "norm_tuning", runtime=runtime)
+    out[f"lm_trainable_{runtime}"] = sorted(n for n in model.trainable_names if n.startswith("lm."))
+try:
+    tiny_config(tmp, train={"norm_tuning": {"lm_lr": None, "scale": 1.0, "scael": 2.0}})
+except ConfigError as exc:
+    out["typo"] = str(exc)
+print(json.dumps(out))
+'''
+
+
+def test_a_new_strategy_is_its_module_and_its_params_section(tmp_path):
+    """In a copy of the package: a strategy module dropped into medvlm/strategies/ and a train.<name> section in
+    params.yaml, nothing else, make a section Config validates, a train.strategies value and a model build."""
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "copy"
+    shutil.copytree(repo / "src" / "medvlm", root / "src" / "medvlm", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(repo / "pyproject.toml", root / "pyproject.toml")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["norm_tuning"] = {"lm_lr": 2.0e-3, "scale": 0.5}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "src" / "medvlm" / "strategies" / "norm_tuning.py").write_text(NEW_STRATEGY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(Path(__file__).parent)])}
+    done = subprocess.run([sys.executable, "-c", NEW_STRATEGY_RUN, str(root)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["section"] == {"lm_lr": 2.0e-3, "scale": 0.5}
+    assert out["strategies"] == ["lora", "norm_tuning"]
+    assert out["lm_trainable_False"] == out["lm_trainable_True"] == ["lm.model.norm.weight"]
+    assert "train.norm_tuning.scael" in out["typo"] and "\n" not in out["typo"]

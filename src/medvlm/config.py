@@ -22,10 +22,10 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 # the sections are part of this module's interface: `from medvlm.config import ModelConfig` keeps working
 from medvlm.config_sections import (  # noqa: F401
-    CHEXPERT_LABELS, CnnTransformerConfig, DataConfig, EvaluateConfig, ExperimentConfig, FeaturesConfig, FreezeConfig,
-    GenerateConfig, LabelerConfig, LoraConfig, ModelConfig, MonitorConfig, MultistageConfig, PretrainConfig,
-    PTuningConfig, RegisterConfig, RetrainConfig, RetrievalConfig, ServeConfig, SplitConfig, SynthesizeConfig,
-    TrainConfig, ValidateConfig, VolumeConfig, _Section,
+    CHEXPERT_LABELS, CnnTransformerConfig, DataConfig, EvaluateConfig, ExperimentConfig, FeaturesConfig,
+    GenerateConfig, LabelerConfig, ModelConfig, MonitorConfig, MultistageConfig, PretrainConfig, RegisterConfig,
+    RetrainConfig, RetrievalConfig, ServeConfig, SplitConfig, Strategy, SynthesizeConfig, TrainConfig,
+    ValidateConfig, VolumeConfig, _Section,
 )
 from medvlm.errors import ConfigError
 

@@ -2,13 +2,17 @@
 
 Every value comes from params.yaml (medvlm.config lays any partial tree over it and builds `Config` from these);
 unknown keys are errors (`extra="forbid"`), so a typo fails at start with one line instead of being ignored.
+The strategies' blocks train.<name> are their modules' Settings (medvlm.strategies: one module per strategy).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, create_model, model_validator
+
+from medvlm.settings_base import Section as _Section
+from medvlm.strategies import REGISTRY
 
 # The 14 CheXpert observations: the label names data.report_labeler chexpert can read (medvlm.data.report_labels).
 CHEXPERT_LABELS = [
@@ -16,10 +20,6 @@ CHEXPERT_LABELS = [
     "consolidation", "pneumonia", "atelectasis", "pneumothorax", "pleural_effusion", "pleural_other", "fracture",
     "support_devices",
 ]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class SynthesizeConfig(_Section):
@@ -173,25 +173,6 @@ class ModelConfig(_Section):
         return self
 
 
-class FreezeConfig(_Section):
-    trainable_lm_layers: list[int]
-    lm_lr: float | None = Field(gt=0)  # learning rate of this strategy's LM-side parameters; None = train.lm_lr
-
-
-class LoraConfig(_Section):
-    r: int = Field(ge=1)
-    alpha: int = Field(ge=1)
-    dropout: float = Field(ge=0.0, lt=1.0)
-    target_modules: list[str]
-    lm_lr: float | None = Field(gt=0)
-
-
-class PTuningConfig(_Section):
-    num_virtual_tokens: int = Field(ge=1)
-    lm_lr: float | None = Field(gt=0)  # prefixes usually want a larger rate than weights (P-Tuning v2: 5e-3..1e-2)
-    prefix_projection: bool  # reparameterise the prefixes through a 2-layer MLP (P-Tuning v2's option)
-
-
 class MultistageConfig(_Section):
     """ClinicalBLIP-style staged fine-tuning inside one `medvlm train` run (any strategy, meant for lora)."""
 
@@ -200,11 +181,14 @@ class MultistageConfig(_Section):
     stage2_epochs: int = Field(ge=1)  # + the strategy's LM-side parameters (LoRA adapters); fresh optimizer
 
 
-Strategy = Literal["freeze", "lora", "ptuning_v2"]
+# the strategy modules (medvlm.strategies) name the strategies and their sections train.<name>
+Strategy = Literal[tuple(REGISTRY)]
 Baseline = Literal["retrieval", "consensus", "cnn_transformer", "oracle"]
 
 
-class TrainConfig(_Section):
+class _TrainCommon(_Section):
+    """The train section less the strategies' own blocks, which TrainConfig adds below."""
+
     strategies: list[Strategy]
     epochs: int = Field(ge=1)
     max_steps: int = Field(ge=0)  # optimizer steps; 0 = as many as `epochs` take
@@ -219,14 +203,16 @@ class TrainConfig(_Section):
     checkpoint_dir: str  # checkpoints/<strategy>/ (resume after a kill; DVC persistent output)
     log_every: int = Field(ge=1)
     out_dir: str
-    freeze: FreezeConfig
-    lora: LoraConfig
-    ptuning_v2: PTuningConfig
     # when enabled, the run lasts stage1_epochs + stage2_epochs and `epochs` is not used
     multistage: MultistageConfig
     # per-rank record of every optimizer step (study ids each rank trained on + a digest of its trainable weights)
     # in <out_dir>/<strategy>/ranks/rank<k>.jsonl: what shows that data-parallel ranks split the data and stay in sync
     rank_log: bool
+
+
+# train.<name> of every strategy: its module's Settings
+TrainConfig = create_model("TrainConfig", __base__=_TrainCommon, __module__=__name__,
+                           **{name: (module.Settings, ...) for name, module in REGISTRY.items()})
 
 
 class PretrainConfig(_Section):

@@ -131,22 +131,3 @@ def load_runtime_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32):
     if cfg.lm_layers > total:
         raise ConfigError(f"model.lm_layers={cfg.lm_layers} but {cfg.lm} has only {total} decoder layers")
     return runtime.load_lm(path, cfg.lm_layers, dtype)
-
-
-def decoder_layers(lm: PreTrainedModel) -> torch.nn.ModuleList:
-    """The decoder blocks of a causal LM (Llama/Mistral/Qwen style `model.layers`, GPT-2 style `transformer.h`)."""
-    base = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.model
-    for attr in ("layers", "h"):
-        if hasattr(base, attr):
-            return getattr(base, attr)
-    raise ModelError(f"{type(lm).__name__}: cannot find its decoder layers")
-
-
-def kv_geometry(lm: PreTrainedModel) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim): the shape a prefix (P-Tuning v2) must have per layer."""
-    cfg = lm.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, kv_heads, head_dim
-

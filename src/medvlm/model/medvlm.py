@@ -124,7 +124,17 @@ class MedVLM(nn.Module):
         return [self.retrieval_index.context(h, spec.report_words) for h in hits], hits
 
     def prefix_cache(self, batch_size: int, dtype: torch.dtype):
-        return self.prefix.cache(batch_size, dtype) if self.prefix is not None else None
+        """The prefix (P-Tuning v2) as a pre-filled KV cache of this LM's kind, None without one."""
+        if self.prefix is None:
+            return None
+        pairs = self.prefix.pairs(batch_size, dtype)
+        if self.runtime:
+            from medvlm.model.runtime import KVCache
+
+            return KVCache(pairs)
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=pairs)
 
     def new_cache(self, batch_size: int, dtype: torch.dtype):
         """The decoder's KV cache for generation: the prefix (P-Tuning v2) pre-filled, else empty."""

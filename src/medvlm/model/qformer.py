@@ -15,8 +15,8 @@ from medvlm.config import ModelConfig
 class QFormerBridge(nn.Module):
     def __init__(self, cfg: ModelConfig, visual_width: int, lm_width: int, runtime: bool = False):
         super().__init__()
-        if runtime:  # inference: the same module and parameter names in plain torch (model/runtime.py)
-            from medvlm.model.runtime import QFormer
+        if runtime:  # inference: the same module and parameter names in plain torch (model/runtime_qformer.py)
+            from medvlm.model.runtime_qformer import QFormer
 
             self.qformer = QFormer(cfg.qformer_hidden, cfg.qformer_layers, cfg.qformer_heads, 4 * cfg.qformer_hidden,
                                    visual_width)

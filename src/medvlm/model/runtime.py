@@ -11,11 +11,10 @@ give the same logits, query tokens and reports.
                  `meta` device and filled from the safetensors file: no random init that is overwritten later,
                  only the kept layers' tensors are read.
   KVCache        the decoder's key/value cache (DynamicCache's update / reorder_cache / get_seq_length).
-  QFormer        Blip2QFormerModel (query tokens only: self-attention, cross-attention, query feed-forward).
-  LoraLinear     peft's LoRA linear (base_layer + lora_A/lora_B.default, scale alpha / r) for the lora strategy.
-  PrefixKV       P-Tuning v2 prefixes (peft PrefixEncoder layout) as a pre-filled KVCache.
+  QFormer        Blip2QFormerModel (query tokens only), in model/runtime_qformer.py.
   Tokenizer      the `tokenizers` file + tokenizer_config.json + the chat template rendered with jinja2 the way
                  transformers renders it.
+The strategies' adapters and prefixes for this LM (peft's layout in plain torch) are in medvlm.strategies._modules.
 
 `supported(path)` says whether an LM folder can run here (a Llama config and a model.safetensors); anything else
 (a hub id, another architecture, RoPE scaling) falls back to transformers.
@@ -288,155 +287,6 @@ def _layer_index(key: str) -> int | None:
         if i + 1 < len(parts) and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
-
-
-# ---------------------------------------------------------------- LoRA, prefixes
-class LoraLinear(nn.Module):
-    """peft's LoRA linear layout: base_layer + lora_A/lora_B["default"], y = base(x) + B(A(x)) * alpha / r."""
-
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
-        super().__init__()
-        self.base_layer = base
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
-        self.scaling = alpha / r
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x)) * self.scaling
-
-
-def inject_lora(lm: LlamaLM, target_modules: list[str], r: int, alpha: float) -> None:
-    """Wrap every Linear whose name ends in one of target_modules (what peft's inject_adapter_in_model does)."""
-    found = 0
-    for module_name, module in list(lm.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name in target_modules and child is not lm.lm_head:
-                setattr(module, child_name, LoraLinear(child, r, alpha))
-                found += 1
-    if not found:
-        raise ModelError(f"train.lora.target_modules {target_modules}: no such module in the LM")
-
-
-class PrefixEncoder(nn.Module):
-    """peft's PrefixEncoder layout: embedding (+ transform MLP with prefix_projection)."""
-
-    def __init__(self, tokens: int, token_dim: int, layers: int, hidden: int, projection: bool):
-        super().__init__()
-        self.prefix_projection = projection
-        if projection:
-            self.embedding = nn.Embedding(tokens, token_dim)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, layers * 2 * token_dim))
-        else:
-            self.embedding = nn.Embedding(tokens, layers * 2 * token_dim)
-
-    def forward(self, prefix):
-        out = self.embedding(prefix)
-        return self.transform(out) if self.prefix_projection else out
-
-
-class PrefixKV(nn.Module):
-    """Inference twin of medvlm.model.strategies.PrefixKV (same parameter names); its cache is a KVCache."""
-
-    def __init__(self, lm: LlamaLM, num_virtual_tokens: int, projection: bool = False):
-        super().__init__()
-        c = lm.config
-        self.layers, self.kv_heads, self.head_dim = c.num_hidden_layers, c.num_key_value_heads, c.head_dim
-        self.length = num_virtual_tokens
-        self.encoder = PrefixEncoder(num_virtual_tokens, self.kv_heads * self.head_dim, self.layers, c.hidden_size,
-                                     projection)
-        self.register_buffer("tokens", torch.arange(num_virtual_tokens), persistent=False)
-
-    def cache(self, batch_size: int, dtype: torch.dtype) -> KVCache:
-        kv = self.encoder(self.tokens.unsqueeze(0)).to(dtype)
-        kv = kv.view(1, self.length, self.layers * 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        kv = kv.expand(-1, batch_size, -1, -1, -1)
-        return KVCache([(kv[2 * i], kv[2 * i + 1]) for i in range(self.layers)])
-
-
-# ---------------------------------------------------------------- Q-Former
-class _Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_width: int):
-        super().__init__()
-        self.heads = heads
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(kv_width, hidden)
-        self.value = nn.Linear(kv_width, hidden)
-
-    def forward(self, x, context):
-        batch, length, hidden = x.shape
-        d = hidden // self.heads
-        q = self.query(x).view(batch, length, -1, d).transpose(1, 2)
-        k = self.key(context).view(batch, context.shape[1], -1, d).transpose(1, 2)
-        v = self.value(context).view(batch, context.shape[1], -1, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
-        return out.transpose(1, 2).reshape(batch, length, hidden)
-
-
-class _Output(nn.Module):
-    def __init__(self, width_in: int, hidden: int, eps: float):
-        super().__init__()
-        self.dense = nn.Linear(width_in, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x, residual):
-        return self.LayerNorm(self.dense(x) + residual)
-
-
-class _AttentionBlock(nn.Module):
-    def __init__(self, hidden: int, heads: int, kv_width: int, eps: float):
-        super().__init__()
-        self.attention = _Attention(hidden, heads, kv_width)
-        self.output = _Output(hidden, hidden, eps)
-
-    def forward(self, x, context):
-        return self.output(self.attention(x, context), x)
-
-
-class _Intermediate(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
-        super().__init__()
-        self.dense = nn.Linear(hidden, intermediate)
-
-    def forward(self, x):
-        return F.gelu(self.dense(x))
-
-
-class _QFormerLayer(nn.Module):
-    def __init__(self, hidden, heads, intermediate, visual_width, eps, cross: bool):
-        super().__init__()
-        self.attention = _AttentionBlock(hidden, heads, hidden, eps)
-        self.crossattention = _AttentionBlock(hidden, heads, visual_width, eps) if cross else None
-        self.intermediate_query = _Intermediate(hidden, intermediate)
-        self.output_query = _Output(intermediate, hidden, eps)
-
-    def forward(self, x, visual):
-        x = self.attention(x, x)
-        if self.crossattention is not None:
-            x = self.crossattention(x, visual)
-        return self.output_query(self.intermediate_query(x), x)
-
-
-class _Encoder(nn.Module):
-    def __init__(self, layers: list[_QFormerLayer]):
-        super().__init__()
-        self.layer = nn.ModuleList(layers)
-
-
-class QFormer(nn.Module):
-    """Blip2QFormerModel for query tokens only (use_qformer_text_input off), same parameter names."""
-
-    def __init__(self, hidden: int, layers: int, heads: int, intermediate: int, visual_width: int,
-                 cross_attention_frequency: int = 1, eps: float = 1e-12):
-        super().__init__()
-        self.layernorm = nn.LayerNorm(hidden, eps=eps)
-        self.encoder = _Encoder([_QFormerLayer(hidden, heads, intermediate, visual_width, eps,
-                                               i % cross_attention_frequency == 0) for i in range(layers)])
-
-    def forward(self, query_embeds, encoder_hidden_states):
-        x = self.layernorm(query_embeds)
-        for layer in self.encoder.layer:
-            x = layer(x, encoder_hidden_states.to(x.dtype))
-        return SimpleNamespace(last_hidden_state=x)
 
 
 # ---------------------------------------------------------------- tokenizer
