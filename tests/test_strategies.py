@@ -166,7 +166,7 @@ def test_a_typo_in_a_strategy_section_fails_in_one_line(tmp_path):
         tiny_config(tmp_path, train={"strategies": ["lora", "adapterx"]})
 
 
-NEW_STRATEGY = '''"""norm_tuning: only the LM's final norm trains (a strategy added by its file and its params.yaml section)."""
+NEW_STRATEGY = '''"""norm_tuning: only the LM's final norm trains (added by this file and a params.yaml section)."""
 
 from pydantic import Field
 

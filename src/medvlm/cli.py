@@ -128,7 +128,7 @@ def features() -> None:
 @app.command()
 @user_errors
 def train(
-    strategy: str = typer.Option(..., "--strategy", "-s", help="freeze | lora | ptuning_v2"),
+    strategy: str = typer.Option(..., "--strategy", "-s", help="a module of medvlm.strategies: freeze | lora | ptuning_v2 ..."),
     resume: bool = typer.Option(True, help="resume from the last checkpoint when there is one"),
     stop_after: Optional[int] = typer.Option(None, hidden=True, help="end after this many steps, as a kill would (tests)"),
 ) -> None:
