@@ -27,7 +27,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from medvlm.config import load_config  # noqa: E402
 from medvlm.manifest import read_manifest  # noqa: E402
-from medvlm.model.lm import decoder_layers, load_lm  # noqa: E402
+from medvlm.model.lm import load_lm  # noqa: E402
+from medvlm.strategies.freeze import decoder_layers  # noqa: E402
 
 
 def subsets(total: int) -> dict[str, list[int]]:
