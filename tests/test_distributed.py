@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from tiny_medvlm import REPORTS, tiny_config, write_cached_split
 
 from medvlm.errors import ConfigError
-from medvlm.train import rank_batch, train
+from medvlm.engine import rank_batch
+from medvlm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 # Tolerances, 4 AdamW steps at lr 1e-3. Losses agree to 1e-5. Weights: Adam divides by the root of the squared

@@ -88,7 +88,7 @@ def test_dem_figures_use_the_models_thresholds_and_follow_rates_are_reported(tmp
 
 
 def test_finding_tokens_weigh_more_than_boilerplate(tmp_path):
-    from medvlm.train import token_weights
+    from medvlm.train_data import token_weights
 
     reports = [[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 3, 9], [1, 2, 5, 9]]  # 1, 2, 9 in every report
     w = token_weights(reports, vocab_size=10, strength=4.0)

@@ -38,6 +38,7 @@ def test_training_neighbours_leave_the_group_out_and_the_index_travels_with_the_
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"group_by": "source"})})
     captured = {}
     import medvlm.train as train_module
+    from medvlm.model.retrieval import embed
 
     original = train_module.attach_retrieval
 
@@ -45,7 +46,7 @@ def test_training_neighbours_leave_the_group_out_and_the_index_travels_with_the_
         original(model, data, c)
         captured["groups"], captured["contexts"] = data.groups, data.contexts
         captured["hits"] = model.retrieval_index.search(
-            train_module.embed(model.retrieval_tail, data.features), c.model.retrieval.k, data.groups)
+            embed(model.retrieval_tail, data.features), c.model.retrieval.k, data.groups)
 
     train_module.attach_retrieval = spy
     try:

@@ -19,6 +19,7 @@ from torch import nn
 
 from medvlm.config import Config
 from medvlm.data.images import load_images_for_study
+from medvlm.engine import Loop, StepOut
 from medvlm.metrics import preprocess
 from medvlm.progress import Advance, StageProgress, unwatched
 
@@ -80,24 +81,25 @@ def train_and_generate(cfg: Config, train: pd.DataFrame, test: pd.DataFrame) -> 
     model = CnnTransformer(len(vocab), ct.d_model, ct.layers, ct.heads, ct.max_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ct.lr)
     loss_fn = nn.CrossEntropyLoss(ignore_index=index[PAD])
+    per_epoch = math.ceil(len(seqs) / ct.batch_size)
+    order = torch.arange(len(seqs))
+
+    def step(epoch: int, in_epoch: int) -> StepOut:
+        nonlocal order
+        if in_epoch == 0 and epoch > 0:  # reshuffle between epochs
+            order = order[torch.from_numpy(rng.permutation(len(seqs)))]
+        idx = order[in_epoch * ct.batch_size : (in_epoch + 1) * ct.batch_size]
+        tokens = seqs[idx]
+        length = int((tokens != index[PAD]).sum(1).max())
+        logits = model(model.memory(x_train[idx]), tokens[:, : length - 1])
+        loss = loss_fn(logits.reshape(-1, len(vocab)), tokens[:, 1:length].reshape(-1))
+        loss.backward()
+        return StepOut(float(loss.detach()), len(idx))
+
     model.train()
-    last = float("nan")
-    steps = ct.epochs * math.ceil(len(seqs) / ct.batch_size)
-    with StageProgress("cnn_transformer: train", steps) as bar:
-        for _ in range(ct.epochs):
-            for start in range(0, len(seqs), ct.batch_size):
-                idx = torch.arange(start, min(start + ct.batch_size, len(seqs)))
-                tokens = seqs[idx]
-                length = int((tokens != index[PAD]).sum(1).max())
-                logits = model(model.memory(x_train[idx]), tokens[:, : length - 1])
-                loss = loss_fn(logits.reshape(-1, len(vocab)), tokens[:, 1:length].reshape(-1))
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                last = float(loss.detach())
-                bar.advance()
-            perm = torch.from_numpy(rng.permutation(len(seqs)))  # reshuffle between epochs
-            seqs, x_train = seqs[perm], x_train[perm]
+    with Loop("cnn_transformer: train", ct.epochs * per_epoch, per_epoch=per_epoch) as loop:
+        loop.run(step, optimizer)
+    last = loop.last.loss if loop.last is not None else float("nan")
     model.eval()
     with StageProgress("cnn_transformer: decode", ct.max_tokens) as bar:
         texts = _greedy(model, x_test, index, vocab, ct.max_tokens, bar.advance)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medvlm.config import LabelerConfig
-from medvlm.progress import StageProgress
+from medvlm.engine import Loop, StepOut, lr_schedule
 
 ENCODER_DIR = "encoder"
 
@@ -55,32 +55,32 @@ def finetune_encoder(texts: list[str], y: np.ndarray, lc: LabelerConfig, seed: i
     per_epoch = math.ceil(len(texts) / lc.finetune_batch_size)
     total = per_epoch * lc.finetune_epochs
     total = min(total, lc.finetune_max_steps) if lc.finetune_max_steps else total
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(1, total)))
+    scheduler = lr_schedule(optimizer, total, shape="linear")
     targets = torch.as_tensor(y, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
-    started, step, loss_value = time.perf_counter(), 0, float("nan")
-    with StageProgress("labeler: fine-tune", total) as bar:
-        while step < total:
+    order = torch.arange(len(texts))
+
+    def step(epoch: int, in_epoch: int) -> StepOut:
+        nonlocal order
+        if in_epoch == 0:  # one generator for the whole run: epoch e's order is its e-th draw
             order = torch.randperm(len(texts), generator=gen)
-            for first in range(0, len(texts), lc.finetune_batch_size):
-                idx = order[first : first + lc.finetune_batch_size]
-                batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lc.max_length,
-                                  return_tensors="pt").to(device)
-                logits = head(pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx].to(device))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([*encoder.parameters(), *head.parameters()], 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, loss_value = step + 1, float(loss.detach())
-                bar.advance()
-                if step >= total:
-                    break
+        idx = order[in_epoch * lc.finetune_batch_size : (in_epoch + 1) * lc.finetune_batch_size]
+        batch = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=lc.max_length,
+                          return_tensors="pt").to(device)
+        logits = head(pool(encoder(**batch).last_hidden_state, batch["attention_mask"]))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx].to(device))
+        loss.backward()
+        return StepOut(float(loss.detach()), len(idx))
+
+    started = time.perf_counter()
+    trained = [*encoder.parameters(), *head.parameters()]
+    with Loop("labeler: fine-tune", total, per_epoch=per_epoch) as loop:
+        loop.run(step, optimizer, scheduler, clip=lambda: torch.nn.utils.clip_grad_norm_(trained, 1.0))
+    steps, loss_value = loop.step, loop.last.loss if loop.last is not None else float("nan")
     seconds = time.perf_counter() - started
     encoder_dir = out_dir / ENCODER_DIR
     encoder.eval().cpu().save_pretrained(encoder_dir)
     tokenizer.save_pretrained(encoder_dir)
-    facts = {"steps": step, "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(1, step), 3),
+    facts = {"steps": steps, "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(1, steps), 3),
              "device": device.type, "final_loss": round(loss_value, 5)}
     return (head.weight.detach().cpu().double().numpy(), head.bias.detach().cpu().double().numpy(), facts)

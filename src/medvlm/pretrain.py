@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from medvlm.config import Config, PretrainConfig
+from medvlm.engine import Loop, StepDone, StepOut, lr_schedule
 from medvlm.errors import ConfigError, DataError, ModelError
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
@@ -47,8 +48,6 @@ from medvlm.model.contrastive import (
 )
 from medvlm.model.encoder import VisionEncoder
 from medvlm.model.vision import build_vision
-from medvlm.progress import StageProgress
-from medvlm.schedule import lr_factor
 from medvlm.tracking import flatten, log_metrics, log_params, mlflow_run
 
 TAIL_FILE = "vision_tail.safetensors"
@@ -131,32 +130,38 @@ def pretrain_vision(cfg: Config, text_encoder: TextEncoder | None = None) -> dic
     per_epoch = math.ceil(n / pc.batch_size)
     total = per_epoch * pc.epochs
     # one epoch of linear warmup (random heads would otherwise push large gradients into the tail), then cosine
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, per_epoch, total))
-    epoch_losses = []
+    scheduler = lr_schedule(optimizer, total, warmup=per_epoch)
+    epoch_losses: list[float] = []
+    losses: list[float] = []
+    order = torch.arange(n)
+
+    def step(epoch: int, in_epoch: int) -> StepOut | None:
+        nonlocal order
+        if in_epoch == 0:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        idx = order[in_epoch * pc.batch_size : (in_epoch + 1) * pc.batch_size]
+        if len(idx) < 2:  # a lone leftover pair has no negatives
+            return None
+        loss = contrastive_loss(model.image_embeddings(train_feats[idx]), model.text_embeddings(train_text[idx]),
+                                model.temperature(), train_groups[idx])
+        loss.backward()
+        return StepOut(float(loss.detach()), len(idx))
+
     with mlflow_run(cfg, run_name="pretrain-vision", tags={"stage": "pretrain_vision"}) as run:
         log_params(run, {**flatten(pc.model_dump(), "pretrain."), "train_samples": n, "total_steps": total})
-        with StageProgress("pretrain-vision", total) as bar:
-            for epoch in range(pc.epochs):
-                model.train()
-                order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-                losses = []
-                for start in range(0, n, pc.batch_size):
-                    idx = order[start : start + pc.batch_size]
-                    if len(idx) < 2:  # a lone leftover pair has no negatives
-                        bar.advance()
-                        continue
-                    loss = contrastive_loss(model.image_embeddings(train_feats[idx]),
-                                            model.text_embeddings(train_text[idx]), model.temperature(),
-                                            train_groups[idx])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    losses.append(float(loss.detach()))
-                    bar.advance()
+
+        def after_step(done: StepDone) -> None:
+            if done.out is not None:
+                losses.append(done.out.loss)
+            if done.step % per_epoch == 0:  # the epoch's last batch
                 epoch_losses.append(round(float(np.mean(losses)), 5))
+                losses.clear()
                 log_metrics(run, {"pretrain_loss": epoch_losses[-1],
-                                  "temperature": float(model.temperature().detach())}, epoch)
+                                  "temperature": float(model.temperature().detach())}, done.epoch)
+
+        model.train()
+        with Loop("pretrain-vision", total, per_epoch=per_epoch) as loop:
+            loop.run(step, optimizer, scheduler, after_step=after_step)
         after = _recall(model, test_feats, test_text, test_groups)
         zero_shot = _zero_shot_auroc(cfg, model, text_encoder, test_feats)
         signature = feature_signature(cfg)

@@ -1,6 +1,7 @@
-"""The one training loop. A strategy (freeze | lora | ptuning_v2) only decides which parameters train.
+"""`medvlm train`: MedVLM on the engine's loop (medvlm.engine). A strategy (freeze | lora | ptuning_v2) only decides
+which parameters train; this module supplies the step (micro-batches, forward, backward), stages and checkpoints.
 
-Data: cached trunk features (features stage) + tokenised reports + labels of data/split/train.jsonl.
+Data (medvlm.train_data): cached trunk features (features stage) + tokenised reports + labels of data/split/train.jsonl.
 Optimiser: AdamW with two groups (new modules cfg.train.lr, LM-side parameters cfg.train.lm_lr), linear warmup then
 cosine decay, gradient clipping and accumulation. Accelerate places the model (CPU: fp32; GPU: bf16 autocast and
 gradient checkpointing); multi-GPU: `accelerate launch -m medvlm.cli train --strategy lora`.
@@ -42,75 +43,18 @@ from safetensors.torch import save_file
 from medvlm import __version__
 from medvlm.chain_metrics import choose_thresholds
 from medvlm.config import Config
-from medvlm.errors import ConfigError, DataError
+from medvlm.engine import Loop, StepDone, StepOut, load_checkpoint, lr_schedule, rank_batch, save_checkpoint
+from medvlm.errors import ConfigError
 from medvlm.features import feature_signature, load_features
-from medvlm.manifest import read_manifest, study_indications
 from medvlm.model.medvlm import MedVLM
 from medvlm.model.discrimination import balanced_pos_weight
-from medvlm.model.retrieval import RetrievalIndex, embed
 from medvlm.model.strategies import check_strategy, lm_adapter_parameter_names
 from medvlm.pretrain import load_pretrained_tail, load_zero_shot, pretrained_tail_digest
-from medvlm.schedule import lr_factor
+from medvlm.train_data import TrainData, attach_retrieval, load_train_data, token_weights
 from medvlm.tracking import flatten, log_artifacts, log_metrics, log_params, mlflow_run
 
 LOG_FIELDS = ["step", "epoch", "loss", "lm_loss", "disc_loss", "lr", "samples_per_s"]
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class TrainData:
-    features: torch.Tensor  # (N, *trunk shape)
-    reports: list[list[int]]  # token ids ending with eos
-    labels: torch.Tensor  # (N, K) float 0/1
-    study_ids: list[str]
-    texts: list[str] | None = None  # the reports as written (the retrieval index holds them)
-    groups: list[str] | None = None  # split group per study (leave-group-out neighbours)
-    contexts: list[str] | None = None  # similar-case prompt text per study (model.retrieval)
-    indications: list[str | None] | None = None  # manifest column `indication`, when model.indication is on
-
-
-def load_train_data(cfg: Config, model: MedVLM, split: str = "train", cached=None) -> TrainData:
-    split_file = Path(cfg.split.out_dir) / f"{split}.jsonl"
-    rows = read_manifest(split_file)
-    features, ids = cached if cached is not None else load_features(cfg, split)
-    if list(rows["study_id"].astype(str)) != ids:
-        raise DataError(f"{split_file}: rows differ from the cached features' study ids (re-run `medvlm features`)")
-    labels = []
-    for lineno, row_labels in enumerate(rows["labels"], start=1):
-        missing = [n for n in cfg.data.label_names if not isinstance(row_labels, dict) or n not in row_labels]
-        if missing:
-            raise DataError(f"{split_file}:{lineno}: labels lack {missing}")
-        labels.append([float(row_labels[n]) for n in cfg.data.label_names])
-    reports = [model.layout.encode_report(str(r)) for r in rows["report"]]
-    groups = None
-    if cfg.model.retrieval.enabled:
-        from medvlm.data.split import split_group_keys  # here: it brings scikit-learn, needed with retrieval only
-
-        groups = split_group_keys(rows, cfg.data.group_by)
-    indications = study_indications(rows) if cfg.model.indication else None
-    return TrainData(features, reports, torch.tensor(labels), ids, [str(r) for r in rows["report"]], groups,
-                     indications=indications)
-
-
-def token_weights(reports: list[list[int]], vocab_size: int, strength: float) -> torch.Tensor | None:
-    """(vocab,) loss weights 1 + strength * idf / max idf (document frequency over the training reports); None
-    when strength is 0. A token in every report gets 1; unseen tokens get 1 + strength."""
-    if strength <= 0:
-        return None
-    df = torch.zeros(vocab_size)
-    for ids in reports:
-        df[torch.tensor(sorted(set(ids)), dtype=torch.long)] += 1
-    idf = torch.log(len(reports) / df.clamp(min=1.0))
-    return 1.0 + strength * idf / idf.max().clamp(min=1e-9)
-
-
-def attach_retrieval(model: MedVLM, data: TrainData, cfg: Config) -> None:
-    """Build the retrieval index from the training split and every study's leave-group-out similar cases."""
-    spec = cfg.model.retrieval
-    embeddings = embed(model.retrieval_tail, data.features)
-    model.retrieval_index = RetrievalIndex(embeddings, data.study_ids, data.groups, data.texts)
-    hits = model.retrieval_index.search(embeddings, spec.k, exclude_groups=data.groups)
-    data.contexts = [model.retrieval_index.context(h, spec.report_words) for h in hits]
 
 
 @dataclass(frozen=True)
@@ -180,17 +124,6 @@ def epoch_order(cfg: Config, n: int, epoch: int) -> tuple[torch.Tensor, torch.Te
     return torch.randperm(n, generator=gen), torch.randint(n_prompts, (n,), generator=gen)
 
 
-def rank_batch(order: torch.Tensor, first: int, micro: int, world: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s samples of the global micro-batch order[first : first + micro * world] (every world-th one).
-
-    A last global micro-batch with fewer samples than ranks is padded from the start of the epoch's order (as
-    torch's DistributedSampler pads), so no rank skips a backward pass the others wait on."""
-    chunk = order[first : first + micro * world]
-    if 0 < len(chunk) < world:
-        chunk = torch.cat([chunk, order.repeat(world)[: world - len(chunk)]])
-    return chunk[rank::world]
-
-
 def weights_digest(model: MedVLM) -> str:
     """sha256 of the trainable weights (rank_log: identical on every rank after every step)."""
     h = hashlib.sha256()
@@ -214,7 +147,6 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     from contextlib import nullcontext
 
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
 
     check_strategy(cfg, strategy)  # before any loading: a bad name costs nothing
     started = time.perf_counter()
@@ -248,24 +180,20 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
     model = accelerator.prepare_model(model)
     core: MedVLM = accelerator.unwrap_model(model)
 
-    ckpt_dir = Path(cfg.train.checkpoint_dir) / strategy
+    ckpt_path = Path(cfg.train.checkpoint_dir) / strategy / CHECKPOINT
     step, log_rows, resumed_from, state = 0, [], None, None
-    ckpt_path = ckpt_dir / CHECKPOINT
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["signature"] == signature:
+    if resume:
+        state, why = load_checkpoint(ckpt_path, signature)
+        if state is not None:
             core.load_trainable_state_dict(state["trainable"])
             rngs = state.get("rng_ranks")  # every rank's own RNG state (older checkpoints: rank 0's only)
             torch.set_rng_state(rngs[rank] if rngs and len(rngs) == world else state["rng"])
             step, log_rows, resumed_from = state["step"], state["log"], state["step"]
             accelerator.print(f"resuming {strategy} from {ckpt_path} at step {step}/{total}")
-        else:
-            accelerator.print(f"{ckpt_path}: made with other settings, starting {strategy} afresh")
-            state = None
+        elif why != "no checkpoint":
+            accelerator.print(f"{ckpt_path}: {why}, starting {strategy} afresh")
 
     n_trainable = sum(p.numel() for n, p in core.named_parameters() if n in core.trainable_names)
-    micro = cfg.train.batch_size
-    window_samples, window_start, seen_tokens = 0, time.perf_counter(), 0
     rank_log = _RankLog(Path(cfg.train.out_dir) / strategy, rank, fresh=step == 0) if cfg.train.rank_log else None
     model.train()
     tracked = mlflow_run(cfg, run_name=f"train-{strategy}", tags={"stage": "train", "strategy": strategy}) \
@@ -274,9 +202,11 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
         log_params(run, {"strategy": strategy, "trainable_params": n_trainable, "total_steps": total,
                          "pretrain.enabled": cfg.pretrain.enabled, "vision_init": vision_init,
                          **flatten(cfg.model.model_dump(), "model."), **flatten(cfg.train.model_dump(), "train.")})
-        with _progress(accelerator, total, step, strategy) as (progress, task):
+        stepper = _Stepper(cfg, model, data, accelerator)
+        with Loop(f"train {strategy}", total, per_epoch=per_epoch, done=step, log_every=cfg.train.log_every,
+                  quiet=not accelerator.is_main_process) as loop:
             for stage_index, stage in enumerate(stages):
-                if step >= stage.end:
+                if loop.step >= stage.end:
                     continue
                 _set_stage_mask(core, stage, lm_names)
                 optimizer, scheduler = _stage_optimizer(core, cfg, stage)
@@ -289,62 +219,26 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
                 if len(stages) > 1:
                     accelerator.print(f"{strategy} stage {stage.name}: steps {stage.start + 1}..{stage.end}, "
                                       f"{sum(p.numel() for p in trained)} parameters train", flush=True)
-                while step < stage.end:
-                    epoch, in_epoch = divmod(step, per_epoch)
-                    order, prompts = epoch_order(cfg, len(data.reports), epoch)
-                    sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
-                    step_ids: list[str] = []
-                    for k in range(cfg.train.grad_accum):
-                        first = (in_epoch * cfg.train.grad_accum + k) * micro * world
-                        idx = rank_batch(order, first, micro, world, rank)
-                        if len(idx) == 0:
-                            continue
-                        step_ids += [data.study_ids[i] for i in idx]
-                        # gradients are averaged over ranks once per optimizer step, not per micro-step
-                        last = k == cfg.train.grad_accum - 1 or len(order) <= first + micro * world
-                        sync = nullcontext() if world == 1 or last else accelerator.no_sync(model)
-                        with sync, accelerator.autocast():
-                            out = model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
-                                        data.labels[idx], [int(prompts[i]) for i in idx],
-                                        [data.contexts[i] for i in idx] if data.contexts else None,
-                                        [data.indications[i] for i in idx] if data.indications is not None else None)
-                        accelerator.backward(out["loss"] / cfg.train.grad_accum)
-                        for key in sums:
-                            if key in out:
-                                sums[key] += float(out[key].detach()) / cfg.train.grad_accum
-                        window_samples += len(idx) * world
-                        seen_tokens += int(out["tokens"])
-                    if world > 1:  # the logged losses are the global batch's, the same on every rank
-                        mean = accelerator.reduce(torch.tensor([sums[k] for k in sums]), reduction="mean")
-                        sums = dict(zip(sums, mean.tolist()))
-                    accelerator.clip_grad_norm_(trained, cfg.train.max_grad_norm)
-                    lr = scheduler.get_last_lr()[0]
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    step += 1
+
+                def after_step(done: StepDone, stage_index=stage_index, optimizer=optimizer, scheduler=scheduler) -> bool:
                     if rank_log is not None:
-                        rank_log.write(step, epoch, step_ids, weights_digest(core))
-                    elapsed = time.perf_counter() - window_start
-                    rate = window_samples / max(elapsed, 1e-9)
-                    progress.update(task, advance=1, loss=sums["loss"], rate=rate)
-                    if step % cfg.train.log_every == 0 or step == total:
-                        row = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in sums.items()},
-                               "lr": lr, "samples_per_s": round(rate, 3)}
+                        rank_log.write(done.step, done.epoch, stepper.last_ids, weights_digest(core))
+                    if done.logged:
+                        row = {"step": done.step, "epoch": done.epoch,
+                               **{k: round(v, 5) for k, v in {"loss": done.out.loss, **done.out.parts}.items()},
+                               "lr": done.lr, "samples_per_s": round(done.samples_per_s, 3)}
                         log_rows.append(row)
-                        log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")}, step)
-                        if accelerator.is_main_process and not progress.console.is_terminal:
-                            # DVC / CI logs: a line per log step instead of a bar, on stderr like the bar
-                            progress.console.print(f"{strategy} step {step}/{total} loss {row['loss']:.4f} "
-                                                   f"lr {lr:.2e} {rate:.2f} samples/s", markup=False, highlight=False)
-                        window_samples, window_start = 0, time.perf_counter()
-                    if step % cfg.train.checkpoint_every == 0 or step == total:
-                        rngs = gather_object([torch.get_rng_state()]) if world > 1 else [torch.get_rng_state()]
-                        if accelerator.is_main_process:
-                            _save_checkpoint(ckpt_path, core, optimizer, scheduler, step, log_rows, signature, stage_index,
-                                             rngs)
-                    if stop_after is not None and step >= stop_after and step < total:
-                        return {"strategy": strategy, "steps": step, "stopped_early": True}
+                        log_metrics(run, {k: row[k] for k in ("loss", "lm_loss", "disc_loss", "lr", "samples_per_s")},
+                                    done.step)
+                    if done.step % cfg.train.checkpoint_every == 0 or done.step == total:
+                        _checkpoint(accelerator, ckpt_path, core, optimizer, scheduler, done.step, log_rows, signature,
+                                    stage_index)
+                    return stop_after is not None and stop_after <= done.step < total
+
+                clip = lambda trained=trained: accelerator.clip_grad_norm_(trained, cfg.train.max_grad_norm)  # noqa: E731
+                if loop.run(stepper, optimizer, scheduler, end=stage.end, clip=clip, after_step=after_step):
+                    return {"strategy": strategy, "steps": loop.step, "stopped_early": True}
+            step = loop.step
         out_dir = Path(cfg.train.out_dir) / strategy
         summary = {
             "strategy": strategy, "steps": step, "total_steps": total, "trainable_params": n_trainable,
@@ -364,6 +258,47 @@ def train(cfg: Config, strategy: str, resume: bool = True, *, stop_after: int | 
             log_artifacts(run, [paths["config"], paths["log"]])
             log_metrics(run, {"train_seconds": summary["seconds"]})
     return summary
+
+
+class _Stepper:
+    """One optimizer step of MedVLM for the engine: cfg.train.grad_accum micro-batches of this rank's share of the
+    global batch, each forward + backward (DDP averages gradients once per optimizer step, not per micro-step)."""
+
+    def __init__(self, cfg: Config, model, data: TrainData, accelerator):
+        self.cfg, self.model, self.data, self.accelerator = cfg, model, data, accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.last_ids: list[str] = []  # the study ids of the last step on this rank (rank_log)
+
+    def __call__(self, epoch: int, in_epoch: int) -> StepOut:
+        from contextlib import nullcontext
+
+        cfg, data, accelerator, world = self.cfg, self.data, self.accelerator, self.world
+        micro, accum = cfg.train.batch_size, cfg.train.grad_accum
+        order, prompts = epoch_order(cfg, len(data.reports), epoch)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "disc_loss": 0.0}
+        self.last_ids, samples = [], 0
+        for k in range(accum):
+            first = (in_epoch * accum + k) * micro * world
+            idx = rank_batch(order, first, micro, world, self.rank)
+            if len(idx) == 0:
+                continue
+            self.last_ids += [data.study_ids[i] for i in idx]
+            last = k == accum - 1 or len(order) <= first + micro * world
+            sync = nullcontext() if world == 1 or last else accelerator.no_sync(self.model)
+            with sync, accelerator.autocast():
+                out = self.model(data.features[idx].to(accelerator.device), [data.reports[i] for i in idx],
+                                 data.labels[idx], [int(prompts[i]) for i in idx],
+                                 [data.contexts[i] for i in idx] if data.contexts else None,
+                                 [data.indications[i] for i in idx] if data.indications is not None else None)
+            accelerator.backward(out["loss"] / accum)
+            for key in sums:
+                if key in out:
+                    sums[key] += float(out[key].detach()) / accum
+            samples += len(idx) * world
+        if world > 1:  # the logged losses are the global batch's, the same on every rank
+            mean = accelerator.reduce(torch.tensor([sums[k] for k in sums]), reduction="mean")
+            sums = dict(zip(sums, mean.tolist()))
+        return StepOut(sums.pop("loss"), samples, sums)
 
 
 @torch.no_grad()
@@ -404,19 +339,20 @@ def _stage_optimizer(model: MedVLM, cfg: Config, stage: Stage):
     """AdamW over what trains in this stage; warmup + cosine over the stage's own steps."""
     optimizer = build_optimizer(model, cfg)
     length = stage.end - stage.start
-    warmup = max(1, round(cfg.train.warmup_ratio * length))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, length))
+    return optimizer, lr_schedule(optimizer, length, warmup=round(cfg.train.warmup_ratio * length))
 
 
-def _save_checkpoint(path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list, signature: str,
-                     stage: int, rngs: list[torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "trainable": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "rng_ranks": rngs, "log": log_rows,
-             "signature": signature, "stage": stage}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a kill during the write keeps the previous checkpoint
+def _checkpoint(accelerator, path: Path, model: MedVLM, optimizer, scheduler, step: int, log_rows: list,
+                signature: str, stage: int) -> None:
+    """Every rank's RNG state goes in (gathered); rank 0 writes."""
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([torch.get_rng_state()]) if accelerator.num_processes > 1 else [torch.get_rng_state()]
+    if accelerator.is_main_process:
+        save_checkpoint(path, {"step": step, "trainable": model.trainable_state_dict(),
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": torch.get_rng_state(), "rng_ranks": rngs, "log": log_rows,
+                               "signature": signature, "stage": stage})
 
 
 def save_trained(model: MedVLM, cfg: Config, strategy: str, out_dir: Path, log_rows: list, summary: dict) -> dict:
@@ -455,25 +391,3 @@ class _RankLog:
     def write(self, step: int, epoch: int, ids: list[str], digest: str) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, "epoch": epoch, "rank": self.rank, "ids": ids, "weights": digest}) + "\n")
-
-
-class _progress:
-    """The shared bar (medvlm.progress) with loss and samples/s; quiet on non-main processes."""
-
-    def __init__(self, accelerator, total: int, done: int, strategy: str):
-        from rich.progress import TextColumn
-
-        from medvlm.progress import progress_bar
-
-        self.progress = progress_bar(TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.1f} samples/s"),
-                                     disable=not accelerator.is_main_process)
-        self.total, self.done, self.strategy = total, done, strategy
-
-    def __enter__(self):
-        self.progress.__enter__()
-        task = self.progress.add_task(f"train {self.strategy}", total=self.total, completed=self.done,
-                                      loss=float("nan"), rate=0.0)
-        return self.progress, task
-
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
