@@ -18,9 +18,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
+from medvlm.data import phantom_shapes as ps
 from medvlm.data.phantom_study import FINDING_TYPES, INFECTION_TYPES, Scanner, labels_for
 
 _SIDE_SIGN = {"right": -1.0, "left": 1.0}  # image x of the patient's side (radiological convention)
@@ -51,94 +51,9 @@ _LEVELS = {
 
 
 @lru_cache(maxsize=4)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    axis = ((np.arange(size, dtype=np.float32) + 0.5) / size * 2.0 - 1.0)
-    return np.meshgrid(axis, axis)  # X (columns), Y (rows)
-
-
-def _rho(X, Y, cx, cy, ax, ay, angle=0.0, lobes=None):
-    """Normalised elliptic radius (<1 inside); `lobes` = (amplitudes, phases) bends the outline (lobulation)."""
-    dx, dy = X - np.float32(cx), Y - np.float32(cy)
-    if angle:
-        c, s = np.float32(np.cos(angle)), np.float32(np.sin(angle))
-        dx, dy = c * dx + s * dy, -s * dx + c * dy
-    u, v = dx / np.float32(ax), dy / np.float32(ay)
-    rho = np.sqrt(u * u + v * v)
-    if lobes is not None:
-        # sum a_k sin(k*theta + p_k), k = 2..4, from cos/sin of theta by the angle-addition recurrence
-        # (float32 products only: no arctan2 or sin per pixel)
-        safe = np.maximum(rho, np.float32(1e-6))
-        c1, s1 = u / safe, v / safe
-        ck, sk = c1 * c1 - s1 * s1, 2 * c1 * s1
-        bend = np.zeros_like(rho)
-        for a, p in zip(*lobes):
-            bend += np.float32(a * np.cos(p)) * sk + np.float32(a * np.sin(p)) * ck
-            ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
-        rho = rho / (1 + bend)
-    return rho
-
-
-def _window(size, cx, cy, half):
-    """Row/column slices of the image square around (cx, cy) +- half: small shapes are computed only there."""
-    lo = lambda c: max(int((c - half + 1) * 0.5 * size), 0)  # noqa: E731
-    hi = lambda c: min(int((c + half + 1) * 0.5 * size) + 2, size)  # noqa: E731
-    return slice(lo(cy), hi(cy)), slice(lo(cx), hi(cx))
-
-
-def _lobes(rng, strength):
-    return rng.uniform(0, strength, 3), rng.uniform(0, 2 * np.pi, 3)
-
-
-def _rasterize(size, points, weights):
-    """Accumulate weighted points (half-image units) into an image: cheap vectorised line/dot drawing."""
-    acc = np.zeros((size, size), np.float32)
-    ij = np.clip(((points + 1.0) * 0.5 * size).astype(int), 0, size - 1)
-    np.maximum.at(acc, (ij[:, 1], ij[:, 0]), weights.astype(np.float32))
-    return acc
-
-
-def _segments(starts, ends, rng, size, bend=0.15):
-    """Points along gently curved segments (all at once), dense enough to leave no pixel gaps.
-    Returns the points and each point's position t in [0, 1] along its segment."""
-    starts, ends = np.asarray(starts, np.float32).reshape(-1, 2), np.asarray(ends, np.float32).reshape(-1, 2)
-    delta = ends - starts
-    counts = np.maximum((np.hypot(delta[:, 0], delta[:, 1]) * size).astype(int), 2)
-    seg = np.repeat(np.arange(len(starts)), counts)
-    t = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)) / np.repeat(counts - 1, counts)
-    t = t.astype(np.float32)[:, None]
-    normal = np.stack([-delta[:, 1], delta[:, 0]], 1) * rng.uniform(-bend, bend, (len(starts), 1)).astype(np.float32)
-    return starts[seg] + t * delta[seg] + np.sin(np.pi * t) * normal[seg], t[:, 0]
-
-
-def _smooth_noise(rng, size, std, cell=8):
-    """Low-frequency noise (parenchymal texture, uneven lesion density): a coarse grid of random values,
-    bilinearly enlarged, which is far cheaper than blurring full-size white noise."""
-    coarse = rng.standard_normal((size // cell + 1, size // cell + 1), np.float32)
-    fine = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
-    return fine * np.float32(std / max(float(fine.std()), 1e-6))
-
-
-def _shape(size, cx, cy, ax, ay, angle=0.0, reach=1.4):
-    """An ellipse's window and normalised radius there: small organs cost only their bounding box."""
-    X, Y = _grid(size)
-    win = _window(size, cx, cy, max(ax, ay) * reach)
-    return win, _rho(X[win], Y[win], cx, cy, ax, ay, angle)
-
-
-def _paint(img, shape, value, below=1.0, extra=None):
-    win, rho = shape
-    mask = rho < below if extra is None else (rho < below) & extra[win]
-    img[win][mask] = value
-
-
-def _carve(carve, shape, below):
-    win, rho = shape
-    carve[win] |= rho < below
-
-
 def _anatomy(level, rng, size):
     """Draw the normal slice; return the canvas and per-side lung geometry for placing findings."""
-    X, Y = _grid(size)
+    X, Y = ps.grid(size)
     g = _LEVELS[level]
     by, bax, bay = g["body"]
     by, bax, bay = by + rng.uniform(-0.02, 0.02), bax * rng.uniform(0.95, 1.03), bay * rng.uniform(0.95, 1.03)
@@ -148,60 +63,60 @@ def _anatomy(level, rng, size):
     rows = ((by + bay + 0.06 + 0.2 * X[0] ** 2 + 1) * 0.5 * size).astype(int)
     ok = rows < size - 1
     img[rows[ok], cols[ok]] = img[rows[ok] + 1, cols[ok]] = MUSCLE
-    body = _rho(X, Y, 0, by, bax, bay)
+    body = ps.rho(X, Y, 0, by, bax, bay)
     img[body < 1] = FAT  # subcutaneous fat ring remains between skin and muscle
     img[body < 0.92] = MUSCLE
     cavity = body < 0.85
     rib_ring = (body >= 0.85) & (body < 0.9) & (np.cos(11 * np.arctan2(Y - by, X) + rng.uniform(0, 6.3)) > 0.45)
     img[rib_ring & (Y < by + 0.75 * bay)] = BONE  # ribs: periodic arcs, absent over the spine
     img[cavity] = FAT + 5  # mediastinal fat; organs and lungs are drawn into it
-    _paint(img, _shape(size, 0, by - bay * 0.9, 0.09, 0.045), BONE)  # sternum
+    ps.paint(img, ps.shape(size, 0, by - bay * 0.9, 0.09, 0.045), BONE)  # sternum
     # Spine posteriorly: vertebral body (cortex + marrow), canal, spinous and transverse processes.
     vy = by + 0.52 * bay
-    vert = _shape(size, 0, vy, 0.10, 0.095, reach=1.6)
-    _paint(img, vert, BONE)
-    _paint(img, vert, MARROW, 0.8)
-    _paint(img, _shape(size, 0, vy + 0.14, 0.045, 0.04), CANAL)
+    vert = ps.shape(size, 0, vy, 0.10, 0.095, reach=1.6)
+    ps.paint(img, vert, BONE)
+    ps.paint(img, vert, MARROW, 0.8)
+    ps.paint(img, ps.shape(size, 0, vy + 0.14, 0.045, 0.04), CANAL)
     for cx, cy, ax, ay in ((0, vy + 0.22, 0.03, 0.06), (0.11, vy + 0.12, 0.06, 0.025), (-0.11, vy + 0.12, 0.06, 0.025)):
-        _paint(img, _shape(size, cx, cy, ax, ay), BONE)
+        ps.paint(img, ps.shape(size, cx, cy, ax, ay), BONE)
     carve = (np.abs(X) < 0.17) & (Y > vy)
-    _carve(carve, vert, 1.5)
+    ps.carve(carve, vert, 1.5)
     if g["scapula"]:
         for sign in (-1, 1):
-            _paint(img, _shape(size, sign * 0.55, by + 0.62 * bay, 0.20, 0.035, angle=sign * 0.55), BONE)
+            ps.paint(img, ps.shape(size, sign * 0.55, by + 0.62 * bay, 0.20, 0.035, angle=sign * 0.55), BONE)
     lx, ly, lax, lay = g["lung"]
-    _carve(carve, _shape(size, 0, by + ly - 0.05, 0.11, 0.55), 1.0)  # mediastinum between the lungs
-    aorta = _shape(size, g["aorta"][0], by + g["aorta"][1], g["aorta"][2], g["aorta"][2], reach=1.5)
-    _paint(img, aorta, HEART)
-    _carve(carve, aorta, 1.35)
+    ps.carve(carve, ps.shape(size, 0, by + ly - 0.05, 0.11, 0.55), 1.0)  # mediastinum between the lungs
+    aorta = ps.shape(size, g["aorta"][0], by + g["aorta"][1], g["aorta"][2], g["aorta"][2], reach=1.5)
+    ps.paint(img, aorta, HEART)
+    ps.carve(carve, aorta, 1.35)
     if g["trachea"]:
-        trachea = _shape(size, 0, by - 0.12, 0.075, 0.07)
-        _paint(img, trachea, MUSCLE, 1.25)
-        _paint(img, trachea, AIR + 10)
+        trachea = ps.shape(size, 0, by - 0.12, 0.075, 0.07)
+        ps.paint(img, trachea, MUSCLE, 1.25)
+        ps.paint(img, trachea, AIR + 10)
     if g["heart"] is not None:
         hx, hy, hax, hay, hang = g["heart"]
-        heart = _shape(size, hx, by + hy, hax * rng.uniform(0.95, 1.05), hay, angle=hang, reach=1.2)
-        _paint(img, heart, FAT, 1.08)
-        _paint(img, heart, HEART)
-        _carve(carve, heart, 1.12)
+        heart = ps.shape(size, hx, by + hy, hax * rng.uniform(0.95, 1.05), hay, angle=hang, reach=1.2)
+        ps.paint(img, heart, FAT, 1.08)
+        ps.paint(img, heart, HEART)
+        ps.carve(carve, heart, 1.12)
     if g["liver"] is not None:
-        liver = _rho(X, Y, g["liver"][0], by + g["liver"][1], *g["liver"][2:], lobes=_lobes(rng, 0.03))
+        liver = ps.rho(X, Y, g["liver"][0], by + g["liver"][1], *g["liver"][2:], lobes=ps.lobes(rng, 0.03))
         img[liver < 1] = MUSCLE + 5
         carve |= liver < 1.06
     if g["stomach"] is not None:
         sx, sy, sax, say = g["stomach"]
-        stomach = _shape(size, sx, by + sy, sax, say, reach=1.5)
-        _paint(img, stomach, MUSCLE, 1.25)
-        _paint(img, stomach, AIR + 5, extra=Y < by + sy + 0.02)  # gas above the fluid level
-        _carve(carve, stomach, 1.35)
+        stomach = ps.shape(size, sx, by + sy, sax, say, reach=1.5)
+        ps.paint(img, stomach, MUSCLE, 1.25)
+        ps.paint(img, stomach, AIR + 5, extra=Y < by + sy + 0.02)  # gas above the fluid level
+        ps.carve(carve, stomach, 1.35)
     carve |= ~cavity
-    lungs, texture = {}, _smooth_noise(rng, size, 5.0)
+    lungs, texture = {}, ps.smooth_noise(rng, size, 5.0)
     for side, sign in _SIDE_SIGN.items():
         cx, cy = sign * lx + rng.uniform(-0.015, 0.015), by + ly + rng.uniform(-0.015, 0.015)
         ax, ay = lax * rng.uniform(0.95, 1.04), lay * rng.uniform(0.95, 1.04)
-        win = _window(size, cx, cy, max(ax, ay) * 1.15)
+        win = ps.window(size, cx, cy, max(ax, ay) * 1.15)
         rho = np.full((size, size), 9.0, np.float32)  # far outside the lung beyond its window
-        rho[win] = _rho(X[win], Y[win], cx, cy, ax, ay, lobes=_lobes(rng, 0.035))
+        rho[win] = ps.rho(X[win], Y[win], cx, cy, ax, ay, lobes=ps.lobes(rng, 0.035))
         mask = (rho < 1) & ~carve
         img[mask] = LUNG + texture[mask]
         lateral = sign * (X - cx) / ax  # >0 towards the chest wall, <0 towards the hilum
@@ -244,10 +159,10 @@ def _draw_vessels(img, lungs, rng, size):
         dots.append(np.stack([lung["cx"] + rng.uniform(-0.75, 0.75, n_dots) * ax,
                               lung["cy"] + rng.uniform(-0.75, 0.75, n_dots) * ay], 1))
         dot_w.append(rng.uniform(0.4, 0.9, n_dots))
-    pts, t = _segments(starts, ends, rng, size)
+    pts, t = ps.segments(starts, ends, rng, size)
     counts = np.maximum((np.hypot(*(np.array(ends) - np.array(starts)).T) * size).astype(int), 2)
     weights = np.repeat(w0, counts) + (np.repeat(w1, counts) - np.repeat(w0, counts)) * t
-    acc = _rasterize(size, np.concatenate([pts, *dots]), np.concatenate([weights, *dot_w]))
+    acc = ps.rasterize(size, np.concatenate([pts, *dots]), np.concatenate([weights, *dot_w]))
     vessel = np.clip(ndimage.gaussian_filter(acc, 0.55 * size / 256) * 1.8, 0, 1)
     for lung in lungs.values():
         m = lung["mask"] & (lung["rho"] < 0.88)
@@ -258,9 +173,9 @@ def _blob_field(X, Y, centres, radii, rng):
     """Max over lobulated blobs of (1 - rho): 1 at a centre, 0 at the blob edge (computed in each blob's window)."""
     field = np.zeros_like(X)
     for (cx, cy), r in zip(centres, radii):
-        win = _window(X.shape[0], cx, cy, r * 1.6)
-        rho = _rho(X[win], Y[win], cx, cy, r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), rng.uniform(0, np.pi),
-                   lobes=_lobes(rng, 0.12))
+        win = ps.window(X.shape[0], cx, cy, r * 1.6)
+        rho = ps.rho(X[win], Y[win], cx, cy, r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2), rng.uniform(0, np.pi),
+                   lobes=ps.lobes(rng, 0.12))
         np.maximum(field[win], 1.0 - rho, out=field[win])
     return field
 
@@ -277,7 +192,7 @@ def _sample_centres(region, fallback, n, rng, size):
     if pool.size == 0:  # the level leaves no lung there (e.g. liver dome): keep the finding visible elsewhere
         pool = np.flatnonzero(fallback)
     idx = rng.choice(pool, n)
-    X, Y = _grid(size)
+    X, Y = ps.grid(size)
     return np.stack([X.flat[idx], Y.flat[idx]], 1)
 
 
@@ -287,7 +202,7 @@ def _side_list(side):
 
 def _draw_finding(img, f, lungs, free, occupied, rng, size):
     """Draw one finding into `img` (in place); returns its mask so later findings avoid covering it."""
-    X, Y = _grid(size)
+    X, Y = ps.grid(size)
     drawn = np.zeros((size, size), bool)
     for side in _side_list(f["side"]):
         lung = lungs[side]
@@ -307,8 +222,8 @@ def _draw_finding(img, f, lungs, free, occupied, rng, size):
             centres = _sample_centres(region, avail, n, rng, size)
             field = np.zeros_like(X)
             for cx, cy in centres:
-                r, win = rng.uniform(0.035, 0.06), _window(size, cx, cy, 0.07)
-                np.maximum(field[win], 1.0 - _rho(X[win], Y[win], cx, cy, r, r), out=field[win])
+                r, win = rng.uniform(0.035, 0.06), ps.window(size, cx, cy, 0.07)
+                np.maximum(field[win], 1.0 - ps.rho(X[win], Y[win], cx, cy, r, r), out=field[win])
             alpha = np.clip(field / 0.12, 0, 1) * avail
             img += alpha * np.clip(NODULE - img, 0, None)
         elif f["type"] == "fibrosis":
@@ -319,9 +234,9 @@ def _draw_finding(img, f, lungs, free, occupied, rng, size):
             ang = radial + np.pi / 2 + rng.uniform(-0.5, 0.5, n)
             half = np.stack([np.cos(ang), np.sin(ang)], 1) * rng.uniform(0.06, 0.12, (n, 1))
             starts, ends = starts - half, starts + half
-            pts = _segments(starts, ends, rng, size * 2, bend=0.08)[0]
-            acc = _rasterize(size, pts, np.ones(len(pts)))
-            acc = np.maximum(acc, _rasterize(size, pts + 1.0 / size, np.ones(len(pts))))  # 2 px wide
+            pts = ps.segments(starts, ends, rng, size * 2, bend=0.08)[0]
+            acc = ps.rasterize(size, pts, np.ones(len(pts)))
+            acc = np.maximum(acc, ps.rasterize(size, pts + 1.0 / size, np.ones(len(pts))))  # 2 px wide
             line = np.clip(ndimage.gaussian_filter(acc, 0.5 * size / 256) * 1.6, 0, 1) * avail
             halo = np.clip(ndimage.gaussian_filter(acc, 2.0 * size / 256) * 3.0, 0, 1) * avail
             img += halo * np.clip(GGO - 30 - img, 0, None)
@@ -333,7 +248,7 @@ def _draw_finding(img, f, lungs, free, occupied, rng, size):
             centres = _sample_centres(region, avail, n, rng, size)
             field = _blob_field(X, Y, centres, rng.uniform(rlo, rhi, n), rng)
             keep = _region(lung, f["distribution"], avail) | (field > 0.5)  # lesions hug their distribution
-            mottle = 0.85 + 0.15 * np.clip(_smooth_noise(rng, size, 1.0, cell=4), -1, 1)  # uneven density
+            mottle = 0.85 + 0.15 * np.clip(ps.smooth_noise(rng, size, 1.0, cell=4), -1, 1)  # uneven density
             if f["type"] == "consolidation":
                 alpha = np.clip(field / 0.15, 0, 1) * keep * avail
                 img += alpha * (CONSOLIDATION - img)
@@ -343,8 +258,8 @@ def _draw_finding(img, f, lungs, free, occupied, rng, size):
                 starts = np.concatenate([centres - np.stack([np.cos(a), np.sin(a)], 1) * rlo * 0.5, centres])
                 ends = np.concatenate([centres + np.stack([np.cos(a), np.sin(a)], 1) * rlo,
                                        centres + np.stack([np.cos(twig), np.sin(twig)], 1) * rlo * 0.7])
-                bronchi = _segments(starts, ends, rng, size)[0]
-                acc = ndimage.gaussian_filter(_rasterize(size, bronchi, np.ones(len(bronchi))), 0.5 * size / 256)
+                bronchi = ps.segments(starts, ends, rng, size)[0]
+                acc = ndimage.gaussian_filter(ps.rasterize(size, bronchi, np.ones(len(bronchi))), 0.5 * size / 256)
                 air = np.clip(acc * 1.8, 0, 1) * (alpha > 0.7)
                 img += air * (BRONCHOGRAM - img)
             else:
