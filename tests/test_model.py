@@ -56,6 +56,23 @@ def test_missing_vision_model_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_library_error_without_a_message_is_still_one_line(tmp_path, monkeypatch):
+    """Some loaders raise a bare OSError(): the message is then the exception's type, not an IndexError."""
+    import transformers
+
+    from medvlm.model.lm import load_lm
+
+    cfg = tiny_config(tmp_path)
+
+    def bare(*args, **kwargs):
+        raise OSError()
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", bare)
+    with pytest.raises(ModelError, match=r"cannot load \(OSError\)") as info:
+        load_lm(cfg.model)
+    assert "\n" not in str(info.value)
+
+
 def test_hf_vit_alternative(tmp_path):
     from transformers import ViTConfig, ViTModel
 

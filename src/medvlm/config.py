@@ -27,7 +27,7 @@ from medvlm.config_sections import (  # noqa: F401
     RetrainConfig, RetrievalConfig, ServeConfig, SplitConfig, Strategy, SynthesizeConfig, TrainConfig,
     ValidateConfig, VolumeConfig, _Section,
 )
-from medvlm.errors import ConfigError
+from medvlm.errors import ConfigError, first_line
 
 # `register` is also the name of ABCMeta.register on the model class; the field is what instances see.
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -108,7 +108,7 @@ def load_config(
         except FileNotFoundError:
             raise ConfigError(f"{source}: params file not found") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{source}: not valid YAML ({first_line(exc)})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: expected a mapping of sections at the top level")
         raw = _deep_merge(raw, loaded)

@@ -16,7 +16,7 @@ from typing import Callable, Iterable, TextIO
 from rich.console import Console
 
 from medvlm.config import Config
-from medvlm.errors import DataError, MedVLMError
+from medvlm.errors import DataError, MedVLMError, first_line
 from medvlm.progress import StageProgress
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
@@ -254,5 +254,5 @@ def load_predictor(model_spec: str, cfg: Config, predictor_factory: Callable | N
     except (OSError, ValueError, KeyError) as exc:
         from medvlm.errors import ModelError
 
-        raise ModelError(f"{model_dir}: cannot load the model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise ModelError(f"{model_dir}: cannot load the model ({first_line(exc)})") from None
 

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from medvlm.config import Config, PretrainConfig
 from medvlm.engine import Loop, StepDone, StepOut, lr_schedule
-from medvlm.errors import ConfigError, DataError, ModelError
+from medvlm.errors import ConfigError, DataError, ModelError, first_line
 from medvlm.features import feature_signature, load_features
 from medvlm.manifest import read_manifest
 from medvlm.model.clues import ZeroShotClueSource
@@ -211,7 +211,7 @@ def load_pretrained_tail(cfg: Config, vision: VisionEncoder) -> str:
     try:
         vision.tail.load_state_dict(load_file(path))
     except RuntimeError as exc:
-        raise ModelError(f"{path}: does not fit the vision tail ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: does not fit the vision tail ({first_line(exc)})") from None
     return pretrained_tail_digest(cfg)
 
 

@@ -38,7 +38,7 @@ def mlflow_run(cfg: Config, run_name: str, tags: dict[str, str] | None = None) -
     try:
         mlflow.set_experiment(EXPERIMENT)
     except mlflow.exceptions.MlflowException as exc:
-        raise RegistryError(f"MLflow at {cfg.register.tracking_uri}: {str(exc).splitlines()[0]}") from None
+        raise RegistryError(f"MLflow at {cfg.register.tracking_uri}: {first_line(exc)}") from None
     with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
         yield run
 

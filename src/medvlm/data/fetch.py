@@ -23,7 +23,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from medvlm.data.images import file_sha256, resolve_in_root
-from medvlm.errors import DataError
+from medvlm.errors import DataError, first_line
 
 _CHUNK = 1 << 20
 
@@ -140,7 +140,7 @@ def build_cov_ctr_annotation(csv_path: str | Path, image_labels: dict[str, int])
     try:
         text = csv_path.read_text(encoding="utf-8-sig")  # the original archive's CSV starts with a BOM
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{csv_path}: cannot read the report CSV ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{csv_path}: cannot read the report CSV ({first_line(exc)})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     needed = {"image_id", "findings", "COVID", "reports_En"}
     missing = needed - set(reader.fieldnames or [])

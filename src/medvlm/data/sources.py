@@ -22,7 +22,7 @@ import pandas as pd
 
 from medvlm.config import Config
 from medvlm.data.report_labels import KEYWORDS, report_labels  # noqa: F401  (KEYWORDS: re-exported, old import path)
-from medvlm.errors import ConfigError, DataError
+from medvlm.errors import ConfigError, DataError, first_line
 from medvlm.manifest import COLUMNS, INDICATION
 
 LOAD_ERROR = "load_error"
@@ -183,7 +183,7 @@ def _load_csv(manifest: Path, cfg: Config) -> list[dict]:
     except FileNotFoundError:
         raise DataError(f"{manifest}: manifest file not found") from None
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{manifest}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{manifest}: not a readable CSV ({first_line(exc)})") from None
     _require_columns(manifest, set(table.columns), cfg)
     records = [(i + 2, rec, None) for i, rec in enumerate(table.to_dict(orient="records"))]  # +2: header, 1-based
     return _generic_rows(records, cfg, data_row=lambda lineno: lineno - 2)
@@ -277,7 +277,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict | None, str | None]]:
     except FileNotFoundError:
         raise DataError(f"{path}: manifest file not found") from None
     except (UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot read as UTF-8 text ({first_line(exc)})") from None
     records = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -300,7 +300,7 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise DataError(f"{path}: manifest file not found") from None
     except (UnicodeDecodeError, OSError) as exc:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{path}: cannot read as UTF-8 text ({first_line(exc)})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from medvlm.config import ModelConfig
-from medvlm.errors import ConfigError, ModelError
+from medvlm.errors import ConfigError, ModelError, first_line
 from medvlm.model.runtime import kept_layer_tensors
 
 if TYPE_CHECKING:  # transformers is imported where it is used: inference (model/runtime.py) runs without it
@@ -90,7 +90,7 @@ def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTr
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.lm={cfg.lm!r}: cannot load ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"model.lm={cfg.lm!r}: cannot load ({first_line(exc)})") from None
     total = config.num_hidden_layers
     if cfg.lm_layers > total:
         raise ConfigError(f"model.lm_layers={cfg.lm_layers} but {cfg.lm} has only {total} decoder layers")
@@ -112,7 +112,7 @@ def load_lm(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[PreTr
         try:
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model.lm={cfg.lm!r}: cannot load ({str(exc).splitlines()[0]})") from None
+            raise ModelError(f"model.lm={cfg.lm!r}: cannot load ({first_line(exc)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medvlm.errors import ConfigError, ModelError
+from medvlm.errors import ConfigError, ModelError, first_line
 from medvlm.model.encoder import IMAGENET_MEAN, IMAGENET_STD, VisionEncoder
 
 EFFICIENTNET = "efficientnet-lite0"
@@ -109,7 +109,7 @@ def hf_vision_encoder(name: str, k: int, size: int) -> VisionEncoder:
         model = AutoModel.from_pretrained(name)
     except (OSError, ValueError) as exc:
         hint = "" if Path(name).exists() else " (offline: only efficientnet-lite0 is available without a hub)"
-        raise ModelError(f"model.vision={name!r}: cannot load ({str(exc).splitlines()[0]}){hint}") from None
+        raise ModelError(f"model.vision={name!r}: cannot load ({first_line(exc)}){hint}") from None
     if not hasattr(model, "embeddings") or _vit_layers(model) is None:
         raise ModelError(f"model.vision={name!r}: {type(model).__name__} is not a ViT-style encoder (embeddings + layers)")
     n = len(_vit_layers(model))

@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from medvlm.config import Config
-from medvlm.errors import ModelError
+from medvlm.errors import ModelError, first_line
 from medvlm.model.encoder import IMAGENET_MEAN, IMAGENET_STD, VisionEncoder
 from medvlm.model.vision2d import efficientnet_encoder
 
@@ -247,5 +247,5 @@ def load_astra_i3resnet(path: Path | None = None) -> I3ResNet:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ModelError(f"{path}: weights do not fit I3ResNet-152 ({str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: weights do not fit I3ResNet-152 ({first_line(exc)})") from None
     return net.eval()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from medvlm.errors import ConfigError, ModelError
+from medvlm.errors import ConfigError, ModelError, first_line
 from medvlm.strategies._base import StrategySettings
 
 if TYPE_CHECKING:
@@ -40,4 +40,4 @@ def apply(model: nn.Module, settings: Settings, runtime: bool) -> None:
     try:
         inject_adapter_in_model(peft_config, model.lm)
     except ValueError as exc:
-        raise ModelError(f"train.lora.target_modules {settings.target_modules}: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"train.lora.target_modules {settings.target_modules}: {first_line(exc)}") from None
