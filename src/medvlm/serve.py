@@ -7,7 +7,8 @@
          indication (optional): the clinical indication, used by models trained with model.indication
          explain (query parameter `?explain=true`, JSON field "explain": true or form field explain=true): the
          response also has "heatmaps": {label: "<base64 PNG>"}, per-finding overlays (medvlm.explain; 422 when the
-         model has no DEM)
+         model has no DEM); for a volume {"<label>_z<slice>": ...} of each finding's top axial slices and
+         "heatmap_slices": {label: [{"slice", "mass_share"}]} (medvlm.explain_volume)
          the bytes may also be a NIfTI volume (.nii / .nii.gz) or a zip of one DICOM series (medvlm.uploads: zip-slip
          and zip-bomb guards, serve.max_volume_bytes / max_zip_members / max_zip_ratio)
 
@@ -111,6 +112,8 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> S
             from medvlm.explain import encoded_overlays
 
             out["heatmaps"] = await run_in_threadpool(encoded_overlays, image, explanation)
+            if hasattr(explanation, "ranking"):  # a volume: "<label>_z<slice>" overlays, the slices ranked per label
+                out["heatmap_slices"] = explanation.ranking()
         return JSONResponse(out)
 
     return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/predict", predict, methods=["POST"])],
