@@ -89,7 +89,8 @@ def _intensity_slices(n_slices: int) -> VolumeEncoder:
 
 
 def test_top_slices_rank_by_mass_and_skip_empty():
-    assert top_slices(np.array([0.1, 0.5, 0.0, 0.5, 0.2]), 3) == [1, 3, 4]  # ties: the lower slice first
+    assert top_slices(np.array([0.1, 0.5, 0.0, 0.5, 0.2]), 3) == [3, 1, 4]  # ties: nearer the centre of mass (2.15)
+    assert top_slices(np.array([0.3, 0.3, 0.3, 0.1]), 2) == [1, 2]  # a plateau at the start: not slice 0 first
     assert top_slices(np.zeros(4), 2) == [] and top_slices(np.array([0.0, 1.0, 0.0]), 3) == [1]
 
 
@@ -97,7 +98,7 @@ def test_i3_volume_drawn_slices_rank_first_and_maps_sit_on_the_blob():
     torch.manual_seed(0)
     model = _Model(_intensity_i3(), 3)
     exp = explain_volume(model, _volume({5: 1.0, 2: 0.6}), LABELS, k=3)
-    assert exp.slices[0] == [5, 2, 0]  # the bright slices by their mass, then the first background slice
+    assert exp.slices[0] == [5, 2, 4]  # the bright slices by their mass, then the background slice nearest the centre
     assert exp.slice_mass[0].sum() == pytest.approx(1.0) and exp.slice_mass[0, 5] > exp.slice_mass[0, 2]
     assert exp.slices[1] == [] and not exp.slice_mass[1].any() and exp.maps[1].shape == (0, Y, X)
     top = exp.maps[0][0]

@@ -63,12 +63,15 @@ def radiological(plane: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def top_slices(mass: np.ndarray, k: int) -> list[int]:
-    """Indices of the k largest entries of a (Z,) mass profile, largest first (ties: lower index first); none
-    when the profile has no mass."""
+    """Indices of the k largest entries of a (Z,) mass profile, largest first; none when the profile has no mass.
+    Ties (a 3-D map has ~Z/16 depth cells, so upsampled slices share values, at the volume's ends exactly) go to
+    the slice nearest the profile's centre of mass, then to the lower index: not to the volume's first slice."""
     mass = np.asarray(mass, dtype=np.float64)
     if not mass.size or float(mass.sum()) <= 0:
         return []
-    order = np.lexsort((np.arange(mass.size), -mass))
+    z = np.arange(mass.size)
+    centre = float((z * mass).sum() / mass.sum())
+    order = np.lexsort((z, np.abs(z - centre), -mass))
     return [int(z) for z in order[:k] if mass[z] > 0]
 
 
