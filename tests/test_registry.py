@@ -314,6 +314,9 @@ def test_resolve_champion_follows_promotion_and_skips_mlflow_once_cached(lifecyc
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1500:]
     assert done.stdout.split() == ["medvlm-v3", "False", "False"]
-    promote(cfg, "1")
+    promote(cfg, "1")  # both versions are cached now: the cache must not keep serving the old champion (v3)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.split() == ["medvlm-v1", "False", "False"]
     with pytest.raises(RegistryError, match="not in the registry"):
         resolve_model("models:/medvlm/42", cfg)

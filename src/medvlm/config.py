@@ -104,7 +104,7 @@ def load_config(
     for source in [path, *(overlays or [])]:
         source = Path(source)
         try:
-            loaded = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+            loaded = read_yaml(source.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{source}: params file not found") from None
         except yaml.YAMLError as exc:
@@ -152,10 +152,20 @@ def _defaults_file() -> Path:
     raise ConfigError("the shipped params.yaml was not found (neither in the checkout nor in the installed package)")
 
 
+# libyaml's parser with the safe loader's constructors: the same values as yaml.safe_load in a tenth of the time
+# (two params files cost ~0.2 s of every `medvlm generate` in pure Python)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def read_yaml(text: str) -> Any:
+    """yaml.safe_load of `text`, with libyaml when PyYAML was built with it."""
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 @functools.lru_cache(maxsize=1)
 def _default_params() -> dict[str, Any]:
     path = _defaults_file()
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    loaded = read_yaml(path.read_text(encoding="utf-8"))
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return loaded

@@ -11,7 +11,8 @@ model prints and feeds to the report, not the words of the report themselves.
 The forward path is the one the model runs: preprocessed image -> frozen trunk -> vision tail -> token mean ->
 DEM classifier (MedVLM.visual_queries). A multi-view study (features.multi_view concat) gets one map per view:
 its DEM pools all views' tokens linearly, so a view's map of the study logit is that view's own map up to a
-factor, and each map is normalised on its own. Only 2-D encoders with a DEM can be explained (ModelError
+factor, and each map is normalised on its own. Volumes (3-D CT): medvlm.explain_volume, the same CAM on the volume
+encoder's map, reported as the top axial slices per finding. Only models with a DEM can be explained (ModelError
 otherwise).
 
 Sanity measure (phantom data, `medvlm explain-phantom`): the phantom knows where it drew each finding
@@ -53,15 +54,29 @@ class Explanation:
 
 
 def check_explainable(model) -> None:
-    """One-line ModelError unless the model has a DEM and a 2-D image encoder."""
+    """One-line ModelError unless the model has a DEM and an encoder with a map to explain (2-D, or a volume
+    encoder medvlm.explain_volume handles)."""
     from medvlm.model.vision3d import VolumeEncoder
 
     if getattr(model, "dem", None) is None:
         raise ModelError("explanations need the discrimination module (model.discrimination true): this model has "
                          "no DEM, so there are no per-finding logits to explain")
     if isinstance(model.vision, VolumeEncoder):
-        raise ModelError(f"explanations are for 2-D image encoders; model.vision {model.vision.name!r} encodes "
-                         "volumes whole")
+        from medvlm.explain_volume import volume_explainable
+
+        problem = volume_explainable(model.vision)
+        if problem is not None:
+            raise ModelError(f"explanations: {problem}")
+
+
+def _check_2d(model) -> None:
+    """check_explainable, and a 2-D image encoder (the per-image maps here; volumes: medvlm.explain_volume)."""
+    from medvlm.model.vision3d import VolumeEncoder
+
+    check_explainable(model)
+    if isinstance(model.vision, VolumeEncoder):
+        raise ModelError(f"per-image maps are for 2-D image encoders; model.vision {model.vision.name!r} encodes "
+                         "volumes whole (medvlm.explain_volume maps its slices)")
 
 
 class _FeatureMap(nn.Module):
@@ -98,7 +113,7 @@ def cam_grids(model, trunk_features: torch.Tensor,
     trunk_features (B, *trunk shape), or (B, V, *trunk shape) for features.multi_view concat (the first view)."""
     from captum.attr import LayerGradCam
 
-    check_explainable(model)
+    _check_2d(model)
     if model.cfg.features.multi_view == "concat" and trunk_features.dim() == 5:
         trunk_features = trunk_features[:, 0]
     labels = list(range(model.n_labels)) if labels is None else list(labels)
@@ -138,7 +153,7 @@ def explain_images(model, images: list[Image.Image], label_names: list[str], bat
     """One Explanation per image (each a study of its own): preprocess -> trunk -> tail -> DEM, maps per label."""
     from medvlm.features import trunk_features
 
-    check_explainable(model)
+    _check_2d(model)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -157,7 +172,7 @@ def top_label_grids(model, trunk_features: torch.Tensor, label_names: list[str],
     generations and the report stage draws it over the thumbnail). None when the model cannot be explained.
     `advance` hears of every batch mapped."""
     try:
-        check_explainable(model)
+        _check_2d(model)
         out = []
         for start in range(0, len(trunk_features), batch_size):
             grids, probs = cam_grids(model, trunk_features[start : start + batch_size])
@@ -194,12 +209,19 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-def overlays(image: Image.Image, explanation: Explanation) -> dict[str, Image.Image]:
-    """label -> overlay image of that label's map."""
+def overlays(image, explanation) -> dict[str, Image.Image]:
+    """label -> overlay image of that label's map; a volume's (medvlm.explain_volume.VolumeExplanation):
+    "<label>_z<slice>" -> overlay of each kept slice."""
+    if not isinstance(explanation, Explanation):  # per label, its kept slices, highest mass first
+        from medvlm.explain_volume import slice_image
+
+        return {f"{name}_z{z}": overlay(slice_image(image, z), heat)
+                for name, chosen, maps in zip(explanation.label_names, explanation.slices, explanation.maps)
+                for z, heat in zip(chosen, maps)}
     return {name: overlay(image, m) for name, m in zip(explanation.label_names, explanation.maps)}
 
 
-def encoded_overlays(image: Image.Image, explanation: Explanation) -> dict[str, str]:
+def encoded_overlays(image, explanation) -> dict[str, str]:
     """label -> base64 PNG of that label's overlay: what the REST server and the MLflow pyfunc return."""
     return {name: base64.b64encode(encode(img, "PNG")).decode("ascii")
             for name, img in overlays(image, explanation).items()}
@@ -210,8 +232,9 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "label"
 
 
-def write_overlays(image: Image.Image, explanation: Explanation, out_dir: str | Path, stem: str) -> dict[str, str]:
-    """<out_dir>/<stem>_<label>.png for every label; returns label -> path."""
+def write_overlays(image, explanation, out_dir: str | Path, stem: str) -> dict[str, str]:
+    """<out_dir>/<stem>_<label>.png for every label (a volume: <stem>_<label>_z<slice>.png per kept slice); returns
+    the overlays' names (as overlays() gives them) -> path."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

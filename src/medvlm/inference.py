@@ -113,14 +113,21 @@ class Predictor:
         return self.predict_features(feats, batch_size, indications)
 
     def check_explainable(self) -> None:
-        """One-line ModelError unless this model can be explained (a DEM and a 2-D image encoder)."""
+        """One-line ModelError unless this model can be explained (a DEM and an encoder with a map)."""
         from medvlm.explain import check_explainable
 
         check_explainable(self.model)
 
-    def explain(self, images: list[Image.Image]) -> list:
-        """Per-label heatmaps of each image (medvlm.explain.Explanation: maps at the image's size, in [0, 1]);
-        one-line ModelError for a model without DEM or with a volume encoder."""
+    def explain(self, images: list) -> list:
+        """Per-label heatmaps of each image (medvlm.explain.Explanation: maps at the image's size, in [0, 1]); of
+        each volume for a volume encoder (medvlm.explain_volume.VolumeExplanation: the top axial slices per label);
+        one-line ModelError for a model without DEM."""
+        from medvlm.model.vision3d import VolumeEncoder
+
+        if isinstance(self.model.vision, VolumeEncoder):
+            from medvlm.explain_volume import explain_volume
+
+            return [explain_volume(self.model, self.model.vision.preprocess([v])[0], self.label_names) for v in images]
         from medvlm.explain import explain_images
 
         return explain_images(self.model, images, self.label_names, self.cfg.features.batch_size)

@@ -82,8 +82,10 @@ def run_predictions(
     outcome = Outcome()
     stems: dict[str, int] = {}
 
+    slices: dict[str, dict] = {}  # file stem -> a volume's kept slices per label (medvlm.explain_volume)
+
     def heatmaps(paths: list[Path], images: list) -> list[tuple[str, dict[str, str]]]:
-        """(file stem, label -> overlay path) per image; a stem seen before gets a -2, -3... suffix."""
+        """(file stem, overlay name -> path) per image; a stem seen before gets a -2, -3... suffix."""
         if explain_dir is None:
             return [("", {}) for _ in images]
         from medvlm.explain import write_overlays
@@ -94,7 +96,12 @@ def run_predictions(
             stems[stem] = stems.get(stem, 0) + 1
             stem = stem if stems[stem] == 1 else f"{stem}-{stems[stem]}"
             out.append((stem, write_overlays(image, exp, explain_dir, stem)))
+            if hasattr(exp, "ranking"):
+                slices[stem] = exp.ranking()
         return out
+
+    def ranked(stem: str) -> dict:  # a volume: which slices were kept per label, with their mass shares
+        return {"heatmap_slices": slices[stem]} if stem in slices else {}
     vision = getattr(getattr(predictor, "model", None), "vision", None)  # a volume encoder takes volumes whole
     view_cfg = getattr(predictor, "cfg", cfg)  # the model's own volume settings (those it was trained with)
 
@@ -134,9 +141,10 @@ def run_predictions(
             batch = files[start : start + batch_size]
             images, kept = decode(batch)
             if images:
-                for path, pred, (_, maps) in zip(kept, predictor.predict(images, **told(len(images))), heatmaps(kept, images)):
+                for path, pred, (stem, maps) in zip(kept, predictor.predict(images, **told(len(images))), heatmaps(kept, images)):
                     outcome.results.append({"path": str(path), "report": pred["report"], "probabilities": rounded(pred),
-                                            **similar(pred), **({"heatmaps": maps} if explain_dir is not None else {})})
+                                            **similar(pred), **({"heatmaps": maps} if explain_dir is not None else {}),
+                                            **ranked(stem)})
             progress.advance(len(batch))
     return outcome
 

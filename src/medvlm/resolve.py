@@ -139,9 +139,9 @@ def _model_folder(path: Path, spec: str) -> Path:
     if (path / "model_config.json").is_file():
         return path
     if (path / "MLmodel").is_file():  # a downloaded pyfunc model: MLmodel says where the model folder went
-        import yaml
+        from medvlm.config import read_yaml
 
-        meta = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8")) or {}
+        meta = read_yaml((path / "MLmodel").read_text(encoding="utf-8")) or {}
         entry = meta.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get(ARTIFACT_KEY, {})
         inner = path / str(entry.get("path", ""))
         if entry and (inner / "model_config.json").is_file():

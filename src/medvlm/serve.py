@@ -7,7 +7,8 @@
          indication (optional): the clinical indication, used by models trained with model.indication
          explain (query parameter `?explain=true`, JSON field "explain": true or form field explain=true): the
          response also has "heatmaps": {label: "<base64 PNG>"}, per-finding overlays (medvlm.explain; 422 when the
-         model has no DEM)
+         model has no DEM); for a volume {"<label>_z<slice>": ...} of each finding's top axial slices and
+         "heatmap_slices": {label: [{"slice", "mass_share"}]} (medvlm.explain_volume)
          the bytes may also be a NIfTI volume (.nii / .nii.gz) or a zip of one DICOM series (medvlm.uploads: zip-slip
          and zip-bomb guards, serve.max_volume_bytes / max_zip_members / max_zip_ratio)
 
@@ -17,6 +18,10 @@ body is read when Content-Length says so, and while streaming otherwise), 415 no
 explain. Uploads are decoded by the one image loader (pixel-bomb guard included); nothing a client sends is ever
 unpickled. One predictor, one request at a time (a lock): the model is not re-entrant and a CPU cannot run two
 generations faster than one after the other.
+
+The app is plain Starlette (what FastAPI is built on): the two routes take the raw request, so FastAPI's
+validation and OpenAPI layer added nothing but 0.7 s of CPU to every `medvlm serve` start (its import), and the
+first answer is due within 5 s of the start (docs/operations.md, latency).
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import json
 import threading
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from medvlm.config import Config
 from medvlm.errors import DataError
@@ -53,9 +60,8 @@ def body_limit(max_bytes: int) -> int:
     return max_bytes * 4 // 3 + 4 + ENVELOPE_BYTES
 
 
-def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> FastAPI:
+def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> Starlette:
     """The REST app around an already loaded predictor (anything with .predict(list[PIL.Image]))."""
-    app = FastAPI(title="MedVLM", version="1", docs_url="/docs", redoc_url=None)
     lock = threading.Lock()
     max_bytes = cfg.serve.max_bytes
     info = {"labels": list(cfg.data.label_names), **(model_info or {})}
@@ -71,16 +77,13 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
             return str(exc)
         return None
 
-    @app.exception_handler(BadRequest)
-    async def _bad_request(request: Request, exc: BadRequest):
+    async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status)
 
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", **info}
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok", **info})
 
-    @app.post("/predict")
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request) -> JSONResponse:
         data, fields = await _image_bytes(request, max_bytes)
         explain = _flag(request.query_params.get("explain"), fields.get("explain"))
         indication = _indication(fields.get("indication"))
@@ -109,9 +112,12 @@ def create_app(predictor: Any, cfg: Config, model_info: dict | None = None) -> F
             from medvlm.explain import encoded_overlays
 
             out["heatmaps"] = await run_in_threadpool(encoded_overlays, image, explanation)
-        return out
+            if hasattr(explanation, "ranking"):  # a volume: "<label>_z<slice>" overlays, the slices ranked per label
+                out["heatmap_slices"] = explanation.ranking()
+        return JSONResponse(out)
 
-    return app
+    return Starlette(routes=[Route("/health", health, methods=["GET"]), Route("/predict", predict, methods=["POST"])],
+                     exception_handlers={BadRequest: _bad_request})
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
