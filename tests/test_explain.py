@@ -282,6 +282,7 @@ def test_examples_page_draws_the_most_probable_finding(trained):
     heat = [g["heatmap"] for g in gens]
     assert len(heat) == 4 and all(h["label"] in LABELS and np.asarray(h["grid"]).shape == (4, 4) for h in heat)
     assert all(max(map(max, h["grid"])) in (0.0, 1.0) for h in heat)
+    assert all(set(h) == {"label", "probability", "grid"} for h in heat)  # 2-D entries name no slice
     out = tmp / "reports"
     (out / "generations").mkdir(parents=True)
     rows = [{"study_id": sid, "references": ["r"], "generated": "g", "probabilities": {}, "heatmap": h}
@@ -289,3 +290,4 @@ def test_examples_page_draws_the_most_probable_finding(trained):
     (out / "generations" / "freeze.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     page = _examples(cfg, out, ["freeze"]).read_text()
     assert page.count("data:image/jpeg;base64,") == 4 and f"heatmap: {heat[0]['label']}" in page
+    assert "slice z=" not in page

@@ -186,3 +186,64 @@ def test_rest_explain_returns_slice_overlays(tmp_path):
     assert set(body["heatmaps"]) == {f"pneumonia_z{s['slice']}" for s in body["heatmap_slices"]["pneumonia"]}
     png = Image.open(io.BytesIO(base64.b64decode(body["heatmaps"]["pneumonia_z3"])))
     assert png.size == (X, Y) and png.mode == "RGB"
+
+
+def test_top_label_slices_match_explain_volume_from_the_cache():
+    """evaluate's stored entry for a volume: the most probable finding on its top slice, from the cached trunk
+    features (I3) or the volume itself (sampled slices), at the feature map's resolution in the radiological view."""
+    from medvlm.explain_volume import top_label_slices
+
+    vol = _volume({5: 1.0, 2: 0.6})
+    model = _Model(_intensity_i3(), 3)
+    feats = model.vision.trunk_features(model.vision.preprocess([vol]))
+    (entry,) = top_label_slices(model, feats, LABELS, (X, Y, Z))
+    assert entry["label"] == "pneumonia" and entry["slice"] == 5 == explain_volume(model, vol, LABELS).slices[0][0]
+    grid = np.asarray(entry["grid"])
+    assert grid.shape == (Y, X) and grid.max() == pytest.approx(1.0)  # this trunk keeps the full resolution
+    assert (radiological(vol[0, :, :, 5].numpy()) > 0.5)[np.unravel_index(np.argmax(grid), grid.shape)]
+    slices = _Model(_intensity_slices(3), 1)
+    idx = slices.vision.trunk.slice_indices(Z)
+    (entry,) = top_label_slices(slices, None, LABELS, (X, Y, Z), [_volume({idx[2]: 1.0})])
+    assert entry["slice"] == idx[2] and np.asarray(entry["grid"]).shape == (16, 16)  # the 2-D trunk's map
+    with pytest.raises(ModelError, match="need the volumes"):
+        top_label_slices(slices, torch.zeros(1, 1, 16, 16), LABELS, (X, Y, Z))
+
+
+def test_examples_page_draws_the_volume_heatmap_on_its_slice(tmp_path):
+    """evaluate -> report for a volume study: the entry names the slice, the page draws the map over that slice
+    (not the middle slice) and captions it."""
+    pytest.importorskip("nibabel")
+    import nibabel
+
+    from medvlm.data.volumes import load_volume
+    from medvlm.evaluate import _top_label_heatmaps
+    from medvlm.report import _examples
+
+    hu = np.full((X, Y, Z), -800.0, np.float32)
+    hu[BLOB[0], BLOB[1], 6] = 1000.0
+    (tmp_path / "data").mkdir()
+    nibabel.save(nibabel.Nifti1Image(hu, np.eye(4)), tmp_path / "data" / "scan.nii.gz")
+    (tmp_path / "split").mkdir()
+    (tmp_path / "split" / "test.jsonl").write_text(json.dumps({"study_id": "v0", "images": ["scan.nii.gz"],
+                                                               "report": "r"}) + "\n")
+    cfg = config_from_dict({"data": {"label_names": LABELS, "primary_label": "pneumonia",
+                                     "root": str(tmp_path / "data")},
+                            "split": {"out_dir": str(tmp_path / "split")},
+                            "volume": {"spacing": None, "shape": [X, Y, Z], "min_slices": 2}})
+    predictor = SimpleNamespace(model=_Model(_intensity_i3(), 3), label_names=LABELS)
+    vision = predictor.model.vision
+    feats = vision.trunk_features(vision.preprocess([load_volume(tmp_path / "data" / "scan.nii.gz", cfg.volume)]))
+    (heat,) = _top_label_heatmaps(predictor, feats, cfg, ["v0"])
+    assert heat["label"] == "pneumonia" and heat["slice"] == 6
+    out = tmp_path / "reports"
+    (out / "generations").mkdir(parents=True)
+    row = {"study_id": "v0", "references": ["r"], "generated": "g", "probabilities": {}, "heatmap": heat}
+    (out / "generations" / "m.jsonl").write_text(json.dumps(row) + "\n")
+    page = _examples(cfg, out, ["m"]).read_text()
+    assert page.count("data:image/jpeg;base64,") == 1 and "heatmap: pneumonia" in page and "slice z=6" in page
+    jpeg = page.split("data:image/jpeg;base64,")[1].split("'")[0]
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpeg))).convert("RGB"), np.float32)
+    assert drawn.shape[:2] == (Y, X)  # over the loaded slice in the radiological view
+    colour = drawn.max(2) - drawn.min(2)  # the overlay's colour sits on the blob
+    expected = radiological(load_volume(tmp_path / "data" / "scan.nii.gz", cfg.volume)[0, :, :, 6].numpy()) > 0.5
+    assert expected[np.unravel_index(np.argmax(colour), colour.shape)]

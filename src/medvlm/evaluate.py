@@ -200,7 +200,7 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
         rows = predictor.predict_features(features, indications=indications, advance=bar.advance)
     gens = [{"study_id": sid, "generated": r["report"], "probabilities": r["probabilities"]} for sid, r in zip(ids, rows)]
     # the heatmap of each study's most probable finding, for the examples page (models with a DEM only)
-    for g, heat in zip(gens, _top_label_heatmaps(predictor, features)):
+    for g, heat in zip(gens, _top_label_heatmaps(predictor, features, cfg, ids)):
         g["heatmap"] = heat
     facts = {"kind": "model", "model_dir": str(model_dir), "strategy": predictor.strategy}
     if predictor.meta.get("dem_thresholds"):
@@ -208,17 +208,47 @@ def produce(cfg: Config, name: str) -> tuple[list[dict], dict]:
     return gens, facts
 
 
-def _top_label_heatmaps(predictor, features) -> list[dict]:
-    """medvlm.explain.top_label_grids under a bar; [] for a model that cannot be explained (and no bar for it)."""
+def _top_label_heatmaps(predictor, features, cfg: Config | None = None, ids: list | None = None) -> list:
+    """medvlm.explain.top_label_grids under a bar; [] for a model that cannot be explained (and no bar for it).
+    A volume model: medvlm.explain_volume.top_label_slices, the finding's map on its top axial slice (the sampled
+    slice encoder reloads the test volumes of `ids` from the split, `cfg`; its cache holds only their average)."""
     from medvlm.errors import ModelError
     from medvlm.explain import check_explainable, top_label_grids
+    from medvlm.model.vision3d import VolumeEncoder
 
     try:
         check_explainable(predictor.model)
     except ModelError:
         return []
+    vision = predictor.model.vision
+    if isinstance(vision, VolumeEncoder):
+        from medvlm.explain_volume import top_label_slices
+        from medvlm.model.vision3d import _I3Tail
+
+        if cfg is None or (ids is None and not isinstance(vision.tail, _I3Tail)):
+            return []
+        volumes = None if isinstance(vision.tail, _I3Tail) else _test_volumes(cfg, ids, vision)
+        feats = features[:, 0] if cfg.features.multi_view == "concat" and features.dim() == 6 else features
+        try:
+            with StageProgress("evaluate: heatmaps", len(features)) as bar:
+                return top_label_slices(predictor.model, feats, predictor.label_names, tuple(cfg.volume.shape),
+                                        volumes, bar.advance)
+        except ModelError as exc:
+            log.warning("evaluate: no volume heatmaps (%s)", exc)
+            return []
     with StageProgress("evaluate: heatmaps", len(features)) as bar:
         return top_label_grids(predictor.model, features, predictor.label_names, advance=bar.advance) or []
+
+
+def _test_volumes(cfg: Config, ids: list, vision):
+    """The first view of each test study in `ids`, loaded as the features stage loads it, one at a time."""
+    from medvlm.features import load_view
+
+    rows = read_manifest(Path(cfg.split.out_dir) / "test.jsonl")
+    images = {str(s): (i if isinstance(i, list) else [i]) for s, i in zip(rows["study_id"], rows["images"])}
+    root = Path(cfg.data.root)
+    for sid in ids:
+        yield load_view(root / images[str(sid)][0], cfg, vision)
 
 
 def evaluate(cfg: Config, name: str, generations: list[dict] | None = None) -> dict:

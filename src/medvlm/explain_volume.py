@@ -115,23 +115,43 @@ class _SliceDemLogits(nn.Module):
         return self.classifier(self.tail(pooled).mean(1))
 
 
-def _cams(head: nn.Module, inputs: torch.Tensor, n_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Grad-CAM of every label on head.feature_map for one input (1, ...), ReLU'd, first axis the label;
-    probabilities (K,))."""
+def _cams(head: nn.Module, inputs: torch.Tensor, n_labels: int,
+          top_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Grad-CAM of every label on head.feature_map for one input (1, ...), ReLU'd, first axis the label (only the
+    most probable label's with `top_only`); probabilities (K,))."""
     from captum.attr import LayerGradCam
 
     with torch.enable_grad():
         logits = head(inputs).detach()
-        repeated = inputs.repeat_interleave(n_labels, dim=0).requires_grad_(True)
-        cams = LayerGradCam(head, head.feature_map).attribute(repeated, target=list(range(n_labels)),
-                                                              relu_attributions=True)
+        targets = [int(logits[0].argmax())] if top_only else list(range(n_labels))
+        repeated = inputs.repeat_interleave(len(targets), dim=0).requires_grad_(True)
+        cams = LayerGradCam(head, head.feature_map).attribute(repeated, target=targets, relu_attributions=True)
     return cams.detach().float().cpu(), torch.sigmoid(logits.float())[0].cpu()
+
+
+def _slice_maps(cam: torch.Tensor, i3: bool, shape: tuple[int, int, int], idx: list[int]) -> dict[int, torch.Tensor]:
+    """One label's CAM -> z -> its map on axial slice z, (Y, X) in the radiological view, >= 0. `cam`: the I3
+    tail's (1, d, h, w) over (z, x, y), upsampled trilinearly to the volume's (Z, X, Y); or the sampled slices'
+    (k, h, w) (radiological view), each upsampled bilinearly, for the slice indices `idx`."""
+    from captum.attr import LayerAttribution
+
+    nx, ny, nz = shape
+    if i3:  # the network's axes are (z, x, y)
+        up = LayerAttribution.interpolate(cam[None], (nz, nx, ny), interpolate_mode="trilinear")[0, 0]
+        return {z: up[z].clamp(min=0).flip(0, 1).T for z in range(nz)}
+    up = F.interpolate(cam[:, None], size=(ny, nx), mode="bilinear", align_corners=False)[:, 0]
+    return {z: up[i].clamp(min=0) for i, z in enumerate(idx)}
+
+
+def _slice_mass(per_slice: dict[int, torch.Tensor], nz: int) -> np.ndarray:
+    mass = np.zeros(nz, np.float64)
+    for z, m in per_slice.items():
+        mass[z] = float(m.double().sum())
+    return mass
 
 
 def explain_volume(model, volume: torch.Tensor, label_names: list[str], k: int = TOP_SLICES) -> VolumeExplanation:
     """Per-label top-k axial slices of one volume (1, X, Y, Z) in [0, 1] and their CAMs (see the module doc)."""
-    from captum.attr import LayerAttribution
-
     from medvlm.model.vision3d import _I3Tail
 
     vision = model.vision
@@ -143,10 +163,11 @@ def explain_volume(model, volume: torch.Tensor, label_names: list[str], k: int =
         raise ModelError(f"a volume is (1, X, Y, Z); got {tuple(volume.shape)}")
     _, nx, ny, nz = volume.shape
     param = next(model.dem.classifier.parameters())
+    i3, idx = isinstance(vision.tail, _I3Tail), []
     was_training = model.training
     model.eval()
     try:
-        if isinstance(vision.tail, _I3Tail):
+        if i3:
             trunk = vision.trunk_features(vision.preprocess([volume]).to(param.device))
             cams, probs = _cams(_I3DemLogits(model), trunk.to(param.dtype), len(label_names))  # (L, 1, d, h, w)
         else:
@@ -156,21 +177,11 @@ def explain_volume(model, volume: torch.Tensor, label_names: list[str], k: int =
     finally:
         model.train(was_training)
 
-    def slice_maps(label: int) -> dict[int, torch.Tensor]:
-        """z -> the label's CAM on axial slice z, (Y, X) in the radiological view, >= 0."""
-        if isinstance(vision.tail, _I3Tail):  # the network's axes are (z, x, y)
-            up = LayerAttribution.interpolate(cams[label][None], (nz, nx, ny), interpolate_mode="trilinear")[0, 0]
-            return {z: up[z].clamp(min=0).flip(0, 1).T for z in range(nz)}
-        up = F.interpolate(cams[label][:, None], size=(ny, nx), mode="bilinear", align_corners=False)[:, 0]
-        return {z: up[i].clamp(min=0) for i, z in enumerate(idx)}
-
     share = np.zeros((len(label_names), nz), np.float64)
     slices, maps = [], []
     for label in range(len(label_names)):
-        per_slice = slice_maps(label)
-        mass = np.zeros(nz, np.float64)
-        for z, m in per_slice.items():
-            mass[z] = float(m.double().sum())
+        per_slice = _slice_maps(cams[label], i3, (nx, ny, nz), idx)
+        mass = _slice_mass(per_slice, nz)
         chosen = top_slices(mass, k)
         if chosen:
             share[label] = mass / mass.sum()
@@ -181,6 +192,61 @@ def explain_volume(model, volume: torch.Tensor, label_names: list[str], k: int =
         slices.append(chosen)
     return VolumeExplanation(list(label_names), {n: float(p) for n, p in zip(label_names, probs.tolist())},
                              share, slices, maps)
+
+
+def top_label_slices(model, trunk_features: torch.Tensor | None, label_names: list[str],
+                     shape: tuple[int, int, int], volumes=None, advance=None) -> list[dict | None]:
+    """Per study, its most probable label's map on the axial slice with that label's highest activation (the top
+    slice explain_volume ranks first): {"label", "probability", "slice": z, "grid": the slice's CAM at the feature
+    map's resolution, (rows, columns) in the radiological view, a nested list in [0, 1]}; None for a study without
+    positive evidence. The I3 tail maps the cached trunk features (B, C, d, h, w) directly; sampled slices need
+    the volumes themselves (`volumes`: an iterable of (1, X, Y, Z), the cache holds only their depth average).
+    `shape`: the loaded volumes' (X, Y, Z) (volume.shape). `advance` hears of every study mapped."""
+    from captum.attr import LayerAttribution
+
+    from medvlm.model.vision3d import _I3Tail
+
+    vision = model.vision
+    problem = volume_explainable(vision)
+    if problem is not None:
+        raise ModelError(problem)
+    nx, ny, nz = (int(n) for n in shape)
+    i3 = isinstance(vision.tail, _I3Tail)
+    if not i3 and volumes is None:
+        raise ModelError(f"model.vision {vision.name!r}: the sampled slices' maps need the volumes, not the cache")
+    param = next(model.dem.classifier.parameters())
+    inputs = (trunk_features[i : i + 1] for i in range(len(trunk_features))) if i3 else \
+        (torch.as_tensor(v, dtype=torch.float32)[None] for v in volumes)
+    head = _I3DemLogits(model) if i3 else _SliceDemLogits(model)
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for x in inputs:
+            cams, probs = _cams(head, x.to(param.device, param.dtype), len(label_names), top_only=True)
+            k = int(probs.argmax())
+            if i3:  # (1, 1, d, h, w) over (z, x, y)
+                idx, cam = [], cams[0]
+                grids = LayerAttribution.interpolate(cam[None], (nz, *cam.shape[-2:]),
+                                                     interpolate_mode="trilinear")[0, 0]
+            else:  # (1, k, h, w): one map per sampled slice, radiological view
+                idx = vision.trunk.slice_indices(x.shape[-1])
+                cam = grids = cams.reshape(len(idx), *cams.shape[-2:])
+            dims = (nx, ny, nz) if i3 else tuple(int(n) for n in x.shape[-3:])
+            chosen = top_slices(_slice_mass(_slice_maps(cam, i3, dims, idx), dims[2]), 1)
+            if not chosen:
+                out.append(None)
+            else:
+                z = chosen[0]
+                g = (grids[z].clamp(min=0).flip(0, 1).T if i3 else grids[idx.index(z)].clamp(min=0)).numpy()
+                g = g / g.max() if float(g.max()) > 0 else g
+                out.append({"label": label_names[k], "probability": round(float(probs[k]), 4), "slice": z,
+                            "grid": np.round(g, 3).tolist()})
+            if advance is not None:
+                advance(1)
+    finally:
+        model.train(was_training)
+    return out
 
 
 def slice_image(volume: torch.Tensor | np.ndarray, z: int) -> Image.Image:

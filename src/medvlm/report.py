@@ -208,6 +208,23 @@ def _thumbnail_image(cfg: Config, rel_paths: list[str]):
     return img
 
 
+def _slice_thumbnail(cfg: Config, rel_paths: list[str], z: int):
+    """Axial slice z of a volume study's first view, loaded as the model saw it (medvlm.data.volumes.load_volume,
+    volume.shape), in the radiological view, thumbnail-sized; None when it cannot be loaded."""
+    from medvlm.data.images import resolve_in_root
+    from medvlm.data.volumes import load_volume
+    from medvlm.errors import DataError
+    from medvlm.explain_volume import slice_image
+
+    try:
+        volume = load_volume(resolve_in_root(cfg.data.root, rel_paths[0]), cfg.volume)
+        img = slice_image(volume, int(z))
+    except (DataError, OSError, RuntimeError, IndexError, ValueError):  # as for the thumbnail: the page says so instead of failing
+        return None
+    img.thumbnail((cfg.evaluate.examples_thumbnail, cfg.evaluate.examples_thumbnail))
+    return img
+
+
 def _png(img) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -223,8 +240,9 @@ def _heatmap_cell(thumb, heatmap: dict | None) -> str:
 
     img = overlay(thumb, upsample(heatmap["grid"], thumb.size))
     data = base64.b64encode(encode(img, "JPEG")).decode("ascii")
+    where = f", slice z={int(heatmap['slice'])}" if heatmap.get("slice") is not None else ""
     return (f"<br><img src='data:image/jpeg;base64,{data}' alt='heatmap'><div class='p'>heatmap: "
-            f"{html.escape(str(heatmap['label']))} {float(heatmap['probability']):.2f}</div>")
+            f"{html.escape(str(heatmap['label']))} {float(heatmap['probability']):.2f}{where}</div>")
 
 
 def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
@@ -244,6 +262,7 @@ def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
     parts = ["<!doctype html><meta charset='utf-8'><title>medvlm examples</title>",
              "<style>body{font-family:sans-serif} td{vertical-align:top;border-bottom:1px solid #ccc;padding:4px}"
              " .p{color:#555;font-size:85%}</style><h1>Test-set examples</h1><table>"]
+    slice_thumbs: dict[tuple[str, int], object] = {}  # a volume's heatmap is drawn over its own slice
     for sid in ids:
         thumb = _thumbnail_image(cfg, images[sid]) if sid in images else None
         first = next(iter(generations.values()))[sid]
@@ -253,8 +272,14 @@ def _examples(cfg: Config, out: Path, names: list[str]) -> Path:
         for n, gens in generations.items():
             g = gens.get(sid, {})
             probs = ", ".join(f"{k} {v:.2f}" for k, v in (g.get("probabilities") or {}).items())
+            heat, base = g.get("heatmap"), thumb
+            if heat and heat.get("slice") is not None:
+                key = (sid, int(heat["slice"]))
+                if key not in slice_thumbs:
+                    slice_thumbs[key] = _slice_thumbnail(cfg, images[sid], key[1]) if sid in images else None
+                base = slice_thumbs[key]
             cells.append(f"<td><b>{html.escape(n)}</b><br>{html.escape(g.get('generated', ''))}"
-                         f"<div class='p'>{html.escape(probs)}</div>{_heatmap_cell(thumb, g.get('heatmap'))}</td>")
+                         f"<div class='p'>{html.escape(probs)}</div>{_heatmap_cell(base, heat)}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
     path = out / "examples.html"
