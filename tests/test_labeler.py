@@ -97,3 +97,27 @@ def test_finetune_mode_trains_the_encoder_and_loads_like_frozen(tmp_path):
     shutil.rmtree(tmp_path / "labeler" / "encoder")
     with pytest.raises(ModelError, match="fine-tuned labeler encoder missing"):
         Labeler.load(tmp_path / "labeler")
+
+
+def test_ngram_head_is_averaged_in_and_saved(trained, tmp_path):
+    """params.yaml's labeler.ngram_max > 0: a TF-IDF n-gram head is saved next to the embedding heads and its
+    probability averaged with theirs; ngram_max 0 trains and loads the embedding heads alone."""
+    cfg, _, root = trained
+    assert cfg.labeler.ngram_max == 2
+    labeler = Labeler.load(root / "labeler")
+    assert labeler.ngram is not None and (root / "labeler" / "ngram.json").is_file()
+    texts = [r["report"] for r in phantom_rows(4, 3, list(LABELS))]
+    embedded = 1 / (1 + np.exp(-(labeler.encoder.encode(texts) @ labeler.coef.T + labeler.intercept)))
+    np.testing.assert_allclose(labeler.predict_proba(texts), (embedded + labeler.ngram.predict_proba(texts)) / 2)
+    off = config_from_dict({"data": {"label_names": list(LABELS)}, "split": {"out_dir": str(root / "split")},
+                            "labeler": {"out_dir": str(tmp_path / "off"), "ngram_max": 0}})
+    train_labeler(off)
+    plain = Labeler.load(tmp_path / "off")
+    assert plain.ngram is None and not (tmp_path / "off" / "ngram.json").exists()
+    np.testing.assert_allclose(plain.predict_proba(texts), embedded)
+    (root / "labeler" / "ngram.json").rename(tmp_path / "moved.json")
+    try:
+        with pytest.raises(ModelError, match="n-gram head is missing"):
+            Labeler.load(root / "labeler")
+    finally:
+        (tmp_path / "moved.json").rename(root / "labeler" / "ngram.json")

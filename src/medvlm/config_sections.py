@@ -262,6 +262,8 @@ class LabelerConfig(_Section):
     max_length: int = Field(ge=8)
     C: float = Field(gt=0)  # inverse L2 strength of the logistic heads
     max_iter: int = Field(ge=10)
+    ngram_max: int = Field(ge=0, le=4)  # TF-IDF word 1..n-gram head averaged with the embedding head; 0 = off
+    ngram_C: float = Field(gt=0)  # inverse L2 strength of the n-gram heads
     out_dir: str
     threshold: float = Field(gt=0, lt=1)  # probability above which a label counts as present
 
