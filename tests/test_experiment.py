@@ -112,6 +112,17 @@ def test_run_skips_finished_cells_and_aggregates_seeds(tmp_path, monkeypatch):
     table = (tmp_path / "t/results.md").read_text()
     assert "| lora | 0,1 | " in table and "| consensus | – | " in table
 
+    # changing a cell's training setting with finished cells refuses too: the old rows would pass for the new ones
+    longer = config_from_dict({**cfg.model_dump(mode="json", by_alias=True), "train": {"epochs": 99}})
+    with pytest.raises(ConfigError, match=r"freeze/full/seed0.*train\.epochs 10 -> 99"):
+        ex.run_experiment(longer, log=lambda *_: None)
+    # settings no cell result depends on (another baseline, the list of strategies) leave the cells standing
+    calls.clear()
+    more = config_from_dict({**cfg.model_dump(mode="json", by_alias=True),
+                             "train": {"strategies": ["freeze", "lora", "ptuning_v2"]},
+                             "experiment": {**cfg.experiment.model_dump(), "strategies": ["freeze", "lora"]}})
+    assert ex.run_experiment(more, log=lambda *_: None)["todo"] == []
+
     # changing a data setting with finished cells refuses instead of mixing stale and fresh rows
     moved = config_from_dict({**cfg.model_dump(mode="json", by_alias=True), "split": {"test_size": 0.3}})
     with pytest.raises(ConfigError, match="other data/feature/labeler settings"):
@@ -202,6 +213,6 @@ def test_register_best_picks_the_best_full_cell_of_the_first_seed(tmp_path, monk
 def test_settings_added_later_do_not_make_an_experiment_stale():
     stored = {"data": {"root": "d", "source": "jsonl"}, "features": {"image_size": 224}}
     newer = {"data": {"root": "d", "source": "jsonl", "report_labeler": "basic"}, "features": {"image_size": 224}}
-    assert ex._restricted(newer, stored) == stored
+    assert xc.restricted(newer, stored) == stored
     changed = {"data": {"root": "other", "source": "jsonl", "report_labeler": "basic"}, "features": {"image_size": 224}}
-    assert ex._restricted(changed, stored) != stored
+    assert xc.restricted(changed, stored) != stored

@@ -29,7 +29,9 @@ from medvlm.experiment_cells import (
     cell_config,
     cell_metrics_path,
     cells,
+    check_finished_cells,
     experiment_root,
+    restricted,
     shared_config,
     with_settings,
 )
@@ -42,14 +44,6 @@ def shared_signature(shared: Config) -> dict:
     dump = without_outputs(shared.model_dump(mode="json", by_alias=True), DATA_OUTPUTS)
     return {k: dump[k] for k in ("data", "validate", "split", "features", "labeler")} | {
         "vision": [dump["model"]["vision"], dump["model"]["tune_vision_blocks"]], "volume": dump["volume"]}
-
-
-def _restricted(new, old):
-    """`new` limited to the keys `old` has: a setting added to medvlm since the experiment ran (its default keeps the
-    old behaviour) does not make the experiment stale; a changed value of a known setting does."""
-    if isinstance(new, dict) and isinstance(old, dict):
-        return {k: _restricted(new[k], old[k]) for k in old if k in new} if set(old) <= set(new) else new
-    return new
 
 
 def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool = False, log=print) -> dict:
@@ -68,6 +62,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     plan = {"root": str(experiment_root(cfg)), "cells": [c.key for c in grid], "todo": [c.key for c in todo]}
     if dry_run:
         return plan
+    check_finished_cells(cfg, grid)
     shared = shared_config(cfg)
     timings: dict[str, float] = {}
 
@@ -83,7 +78,7 @@ def run_experiment(cfg: Config, *, only: list[str] | None = None, dry_run: bool 
     stored = json.loads(stamp_path.read_text()) if stamp_path.is_file() else None
     if stored is not None:  # stamps of older versions also recorded the output folders
         stored = without_outputs(stored, DATA_OUTPUTS)
-    if stored is None or _restricted(stamp, stored) != stored:
+    if stored is None or restricted(stamp, stored) != stored:
         if stamp_path.is_file() and any((root / d).exists() for d in ("cells", "baselines")):
             raise ConfigError(f"{root}: this experiment was run with other data/feature/labeler settings "
                               f"(see {stamp_path.name}); pick another experiment.name or delete the folder")

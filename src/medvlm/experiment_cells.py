@@ -9,13 +9,14 @@ medvlm.grid runs its cells.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from medvlm.config import Config, config_from_dict
 from medvlm.errors import ConfigError
-from medvlm.paths import RUN_OUTPUTS, rebase_outputs
+from medvlm.paths import RUN_OUTPUTS, rebase_outputs, without_outputs
 
 
 @dataclass(frozen=True)
@@ -105,3 +106,54 @@ def cell_config(cfg: Config, cell: Cell) -> Config:
 
 def cell_metrics_path(cfg: Config, cell: Cell) -> Path:
     return cell_dir(cfg, cell) / "reports" / "metrics" / f"{cell.strategy}.json"
+
+
+CELL_SETTINGS = "cell_settings.json"  # next to a finished cell's reports: the settings its result came from
+CELL_SECTIONS = ("seed", "model", "train", "pretrain", "generate", "evaluate")
+NOT_RESULTS = ("train.strategies", "train.log_every", "train.checkpoint_every", "train.rank_log",
+               "evaluate.baselines", "evaluate.meteor_timeout_s")  # settings a cell's numbers do not depend on
+
+
+def restricted(new, old):
+    """`new` limited to the keys `old` has: a setting added to medvlm since the experiment ran (its default keeps the
+    old behaviour) does not make the experiment stale; a changed value of a known setting does."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {k: restricted(new[k], old[k]) for k in old if k in new} if set(old) <= set(new) else new
+    return new
+
+
+def cell_signature(ccfg: Config) -> dict:
+    """What a cell's result is computed from: its seed, model, training, generation and evaluation settings."""
+    dump = without_outputs(ccfg.model_dump(mode="json", by_alias=True))
+    sig = {k: dump[k] for k in CELL_SECTIONS}
+    for dotted in NOT_RESULTS:
+        section, key = dotted.split(".")
+        sig[section].pop(key, None)
+    return sig
+
+
+def _changes(new, old, prefix: str = "") -> list[str]:
+    if isinstance(new, dict) and isinstance(old, dict):
+        return [c for k in sorted(set(new) | set(old)) for c in _changes(new.get(k), old.get(k), f"{prefix}{k}.")]
+    return [] if new == old else [f"{prefix.rstrip('.')} {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def write_cell_settings(cfg: Config, cell: Cell) -> None:
+    (cell_dir(cfg, cell) / CELL_SETTINGS).write_text(json.dumps(cell_signature(cell_config(cfg, cell)), indent=1))
+
+
+def check_finished_cells(cfg: Config, grid: list[Cell]) -> None:
+    """Refuse to keep a finished cell whose recorded settings differ from what the profile now gives it: its row
+    would pass for a run of the new settings. (Cells finished before settings were recorded cannot be checked.)"""
+    stale = []
+    for cell in grid:
+        path = cell_dir(cfg, cell) / CELL_SETTINGS
+        if not cell_metrics_path(cfg, cell).is_file() or not path.is_file():
+            continue
+        stored, now = json.loads(path.read_text()), cell_signature(cell_config(cfg, cell))
+        changes = _changes(restricted(now, stored), stored)
+        if changes:
+            stale.append(f"{cell.key} ({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''})")
+    if stale:
+        raise ConfigError(f"{experiment_root(cfg)}: finished cells were run with other settings: {'; '.join(stale)}; "
+                          "pick another experiment.name, or delete those cell folders to re-run them")

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medvlm.config import Config, config_from_dict
-from medvlm.experiment_cells import Cell, cell_config, cell_dir, cell_metrics_path
+from medvlm.experiment_cells import Cell, cell_config, cell_dir, cell_metrics_path, write_cell_settings
 
 # Local cluster shape (experiment.workers processes): one thread per worker, since a cell already uses every core
 # torch gives it; tests add a preload module here.
@@ -109,6 +109,7 @@ def run_cell(cfg: Config, cell) -> dict[str, float]:
             timed("pretrain_vision", pretrain_vision, ccfg)  # the cell's own seed
         timed("train", train, ccfg, cell.strategy)
         timed("evaluate", evaluate, ccfg, cell.strategy)
+        write_cell_settings(cfg, cell)
     return timings
 
 
