@@ -13,7 +13,8 @@ labeler.ngram_max > 0 adds a second reader: TF-IDF word 1..n-grams with one logi
 probability is averaged with the embedding head's. Phrases such as "ground glass" or "subpleural" decide COV-CTR's
 diagnosis, and the n-grams read them more sharply than pooled MiniLM states: on the source-grouped split the
 labeler's accuracy on the test references rose from .876 to .903 (grouped 5-fold CV on the training split:
-embedding head .854, n-gram head .876, both averaged .871); phantom references stay at 1.0 per label. Its vocabulary, idf and heads are saved next to the embedding heads.
+embedding head .854, n-gram head .876, both averaged .871); phantom references stay at 1.0 per label. Its
+vocabulary and idf (ngram.json) and its heads (heads.npz) are saved next to the embedding heads.
 
 Clinical-efficacy figures of a generator are only as good as this labeler, so train_labeler also measures it on
 the test split's *reference* reports and writes that next to the heads (metrics.json); evaluate copies it into
