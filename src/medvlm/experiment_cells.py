@@ -138,8 +138,9 @@ def _changes(new, old, prefix: str = "") -> list[str]:
     return [] if new == old else [f"{prefix.rstrip('.')} {json.dumps(old)} -> {json.dumps(new)}"]
 
 
-def write_cell_settings(cfg: Config, cell: Cell) -> None:
-    (cell_dir(cfg, cell) / CELL_SETTINGS).write_text(json.dumps(cell_signature(cell_config(cfg, cell)), indent=1))
+def write_cell_settings(cfg: Config, cell: Cell, ccfg: Config) -> None:
+    """Record next to a finished cell the settings (`ccfg`, its cell_config) its result came from."""
+    (cell_dir(cfg, cell) / CELL_SETTINGS).write_text(json.dumps(cell_signature(ccfg), indent=1))
 
 
 def check_finished_cells(cfg: Config, grid: list[Cell]) -> None:

@@ -109,7 +109,7 @@ def run_cell(cfg: Config, cell) -> dict[str, float]:
             timed("pretrain_vision", pretrain_vision, ccfg)  # the cell's own seed
         timed("train", train, ccfg, cell.strategy)
         timed("evaluate", evaluate, ccfg, cell.strategy)
-        write_cell_settings(cfg, cell)
+        write_cell_settings(cfg, cell, ccfg)
     return timings
 
 

